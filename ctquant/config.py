@@ -1,0 +1,66 @@
+"""Settings files under ``configs/``: loading, defaults and a stable hash for provenance."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import InputError
+
+#: The folder of configuration files shipped with the project.
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+#: The folder of shipped model weights.
+MODEL_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing or malformed file is an :class:`InputError` naming it."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise InputError("config file not found", path) from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise InputError(f"cannot read config: {str(exc).splitlines()[0]}", path) from None
+    if not isinstance(data, dict):
+        raise InputError("config must be a YAML mapping", path)
+    return data
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``override`` into a copy of ``base``."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_quantify_config(path: str | Path | None = None) -> dict[str, Any]:
+    """The shipped ``configs/quantify.yaml``, with the user's file (if any) merged over it."""
+    config = load_yaml(CONFIG_DIR / "quantify.yaml")
+    if path is not None:
+        config = merge(config, load_yaml(path))
+    return config
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A short, order-independent SHA-256 of a config mapping (for provenance and resumability)."""
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
