@@ -30,8 +30,13 @@ _STATE = {"debug": False}
 log = logging.getLogger("ctquant")
 
 
+def _one_line(text: str) -> str:
+    """Text that stays on one terminal line: control characters (newlines from headers or file names) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def _fail(message: str, code: int) -> None:
-    typer.echo(f"ctquant: error: {message}", err=True)
+    typer.echo(f"ctquant: error: {_one_line(message)}", err=True)
     raise typer.Exit(code)
 
 
@@ -78,7 +83,264 @@ def _root(
         format="ctquant: %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
+    # pydicom warns (and logs) about every odd header value; that chatter would break the one-line
+    # error contract on stderr, so it goes to the log, shown with --debug only.
+    logging.captureWarnings(True)
+    if not debug:
+        logging.getLogger("py.warnings").setLevel(logging.ERROR)
+        logging.getLogger("pydicom").setLevel(logging.ERROR)
 
+
+@app.command()
+@handle_errors
+def series(folder: Path = typer.Argument(..., help="A DICOM study folder (nested, any file names).")) -> None:
+    """List the DICOM series of a study folder and mark the one `quantify` would pick."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .io import find_series, select_series
+
+    found = find_series(folder)
+    try:
+        chosen = select_series(found, root=folder).series_uid
+    except CtquantError:
+        chosen = None
+    from rich.markup import escape
+
+    table = Table(title=escape(f"{len(found)} series in {folder}"))
+    for column in ("", "modality", "description", "images", "thickness mm", "pixel mm", "kernel",
+                   "study date", "series UID / note"):
+        table.add_column(column)
+    for info in found:
+        note = info.unsuitable_reason()
+        spacing = "x".join(f"{v:.2f}" for v in info.pixel_spacing_mm) if info.pixel_spacing_mm else "-"
+        cells = ("*" if info.series_uid == chosen else "", info.modality, info.description,
+                 str(info.n_images), f"{info.slice_thickness_mm:g}" if info.slice_thickness_mm else "-",
+                 spacing, info.kernel or "-", info.study_date or "-", info.series_uid)
+        # Header text is data, not rich markup; control characters would break the table.
+        cells = [escape(_one_line(c)) for c in cells]
+        table.add_row(*cells[:-1], cells[-1] + (f"\n(skipped: {escape(_one_line(note))})" if note else ""))
+    Console(width=200).print(table)
+    if chosen is None:
+        typer.echo("no series suitable for quantification", err=True)
+
+
+@app.command()
+@handle_errors
+def quantify(
+    input: Path = typer.Argument(..., help="A DICOM folder (or file) or a NIfTI/NRRD/MHA volume in HU."),
+    out: Path = typer.Option(..., "--out", help="Results folder (created; files replaced atomically)."),
+    method: str = typer.Option("model", help="Lesion method: model (MONAI network) or hu (HU bands)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    subject: Optional[str] = typer.Option(None, "--subject", help="Subject ID (default: a hash of the patient ID)."),
+    timepoint: Optional[str] = typer.Option(None, "--timepoint", help="Time point label, e.g. baseline, day14."),
+    series_uid: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID to use."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML overriding configs/quantify.yaml."),
+    seg_format: str = typer.Option("nifti", "--seg-format", help="nifti, dicom-seg or both."),
+) -> None:
+    """Segment lungs, GGO and consolidation in one scan and write measures and masks to --out."""
+    from .pipeline import quantify_to_dir
+
+    measures = quantify_to_dir(input, out, method=method, device=device, subject_id=subject,
+                               timepoint=timepoint, config_path=config, series_uid=series_uid,
+                               seg_format=seg_format)
+    _print_measures(measures, out)
+
+
+def _print_measures(measures: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{measures['subject_id'] or ''} {measures['timepoint'] or ''} ({measures['method']})")
+    table.add_column("")
+    for side in ("right", "left", "both"):
+        table.add_column(side, justify="right")
+    rows = [("lung volume (mL)", "lung_volume_ml", ".0f"), ("GGO (mL)", "ggo_volume_ml", ".1f"),
+            ("GGO (% of lung)", "ggo_pct", ".2f"), ("consolidation (mL)", "consolidation_volume_ml", ".1f"),
+            ("consolidation (% of lung)", "consolidation_pct", ".2f"), ("opacity (% of lung)", "opacity_pct", ".2f"),
+            ("mean lung HU", "mean_lung_hu", ".0f")]
+    for name, key, fmt in rows:
+        table.add_row(name, *(format(measures["lungs"][side][key], fmt) for side in ("right", "left", "both")))
+    console = Console()
+    console.print(table)
+    bilateral = ", ".join(k for k, v in measures["bilateral"].items() if v) or "none"
+    console.print(f"bilateral: {bilateral}")
+    for flag in measures["flags"]:
+        console.print(f"[yellow]warning: {flag}[/yellow]")
+    console.print(f"results in {out}", markup=False, highlight=False)
+
+
+@app.command()
+@handle_errors
+def compare(
+    baseline: Path = typer.Argument(..., help="First time point: a quantify results folder, measures.json, or a scan."),
+    day14: Path = typer.Argument(..., help="Second time point: a quantify results folder, measures.json, or a scan."),
+    out: Path = typer.Option(..., "--out", help="Output folder: comparison.csv, verdicts.csv, comparison.json."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Endpoints YAML (default configs/endpoints.yaml)."),
+    allow_mismatch: bool = typer.Option(False, "--allow-mismatch",
+                                        help="Compare results of different method/model/config (recorded)."),
+    from_tp: Optional[str] = typer.Option(None, "--from", help="Time point of the first (default: its own, else baseline)."),
+    to_tp: Optional[str] = typer.Option(None, "--to", help="Time point of the second (default: its own, else day14)."),
+    subject: Optional[str] = typer.Option(None, "--subject", help="Subject ID when scans are quantified."),
+    method: str = typer.Option("model", help="Lesion method when scans are quantified: model or hu."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda (when scans are quantified)."),
+    quantify_config: Optional[Path] = typer.Option(None, "--quantify-config", help="YAML over configs/quantify.yaml."),
+) -> None:
+    """Compare one patient's two time points: changes per lung and each endpoint's reduction verdict."""
+    from rich.console import Console
+
+    from .endpoints import comparison_table, run_compare
+
+    doc = run_compare(baseline, day14, out, config_path=config, allow_mismatch=allow_mismatch,
+                      from_tp=from_tp, to_tp=to_tp, method=method, device=device, subject_id=subject,
+                      quantify_config=quantify_config)
+    console = Console(width=160)
+    for table in comparison_table(doc):
+        console.print(table)
+    for note in doc["notes"]:
+        console.print(f"[yellow]warning: {note}[/yellow]")
+    console.print(f"results in {out}", markup=False, highlight=False)
+
+
+@app.command()
+@handle_errors
+def endpoints(
+    manifest: Path = typer.Argument(..., help="CSV: subject_id, timepoint, input (relative to the CSV's folder); extra columns are kept."),
+    out: Path = typer.Option(..., "--out", help="Output folder: endpoints.csv/.json, subjects.csv, plots, scans/."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Endpoints YAML (default configs/endpoints.yaml)."),
+    results: Optional[Path] = typer.Option(None, "--results",
+                                           help="Reuse results in RESULTS/<subject>/<timepoint>/measures.json."),
+    allow_mismatch: bool = typer.Option(False, "--allow-mismatch",
+                                        help="Evaluate results of different method/model/config (recorded)."),
+    method: Optional[str] = typer.Option(None, help="Lesion method (model or hu); reuse only results made with it."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda (when scans are quantified)."),
+    quantify_config: Optional[Path] = typer.Option(None, "--quantify-config", help="YAML over configs/quantify.yaml."),
+) -> None:
+    """Cohort endpoints: % of participants with reduction, exact 95 % CI, per-subject table and plots."""
+    from rich.console import Console
+
+    from .endpoints import cohort_table, run_endpoints
+    from .errors import BatchFailures
+
+    doc = run_endpoints(manifest, out, config_path=config, results_dir=results, allow_mismatch=allow_mismatch,
+                        method=method, device=device, quantify_config=quantify_config)
+    console = Console(width=160)
+    console.print(cohort_table(doc))
+    console.print(f"results in {out}", markup=False, highlight=False)
+    if doc["failures"]:
+        raise BatchFailures(f"{len(doc['failures'])} scan(s) failed; endpoints written without them "
+                            "(see failures.csv)", out)
+
+
+@app.command()
+@handle_errors
+def agree(
+    inputs: Optional[list[Path]] = typer.Argument(
+        None, help="Two or more reader folders of masks with matching relative file names (or ctquant quantify "
+                   "output folders), or ONE CSV with columns case_id, reader, path[, labels][, lungs]."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
+    labels: str = typer.Option("1=ggo,2=consolidation", "--labels",
+                               help="Label map VALUE=class,...: the classes compared and the default mapping."),
+    reader_labels: Optional[list[str]] = typer.Option(
+        None, "--reader-labels", help="Per-reader remapping READER:VALUE=class,... (READER: name or 1-based "
+                                      "position; repeatable), e.g. 'B:3=ggo,4=consolidation'."),
+    names: Optional[str] = typer.Option(None, "--names", help="Reader names, comma-separated (default: folder names)."),
+    lungs: Optional[Path] = typer.Option(None, "--lungs", help="Folder of lung masks with matching names (for % of lung)."),
+    union: Optional[str] = typer.Option(None, "--union", help="Also compare the union of all classes under this name."),
+    tolerance_mm: float = typer.Option(0.01, "--tolerance-mm", help="Grid tolerance (spacing/origin, mm)."),
+    table: Optional[Path] = typer.Option(None, "--table", help="Table mode: CSV case_id,reader,measure,value (long) "
+                                                               "or case_id,reader,<measure>... (wide)."),
+    categorical: Optional[list[str]] = typer.Option(None, "--categorical",
+                                                    help="Table mode: nominal measures (comma-separated; repeatable)."),
+    ordinal: Optional[list[str]] = typer.Option(
+        None, "--ordinal", help="Table mode: ordinal measures, numeric ('severity') or with an order "
+                                "('severity=none<mild<moderate<severe'); repeatable."),
+) -> None:
+    """Reader agreement of masks (Dice, Jaccard, HD95, ASSD, volume ICC and Bland-Altman) or of per-case measures.
+
+    Masks: ctquant agree A/ B/ [C/ ...] --out DIR, or ctquant agree masks.csv --out DIR.
+
+    Cases match by relative file name without suffix (.nii.gz .nii .nrrd .mha .mhd; .dcm = DICOM SEG).
+
+    A ctquant quantify output folder (<case>/lesions.nii.gz + lungs.nii.gz) is a reader too.
+
+    Other label values: per reader --reader-labels 'B:3=ggo,4=consolidation', or a 'labels' column in the CSV.
+
+    Masks on another, overlapping grid are resampled (nearest neighbour) onto the first reader's, with a warning.
+
+    Writes cases.csv, volumes.csv, summary.json and Bland-Altman PNGs.
+
+    Table: ctquant agree --table scores.csv --out DIR [--categorical verdict] [--ordinal severity].
+
+    Table statistics: ICC, Bland-Altman, Pearson/Spearman; Cohen's, weighted and Fleiss' kappa with % agreement.
+
+    Writes measures.csv, summary.json and Bland-Altman PNGs.
+    """
+    from .agreement import print_summary, run_mask_agreement, run_table_agreement
+    from .errors import InputError
+
+    if table is not None:
+        if inputs:
+            raise InputError("give reader folders/CSV or --table, not both", table)
+        report = run_table_agreement(table, out, categorical=categorical or [], ordinal=ordinal or [])
+    else:
+        if not inputs:
+            raise InputError("need masks from at least two readers (folders or one CSV), or --table")
+        report = run_mask_agreement(inputs, out, labels=labels, reader_labels=reader_labels or [],
+                                    names=[n.strip() for n in names.split(",")] if names else None,
+                                    lungs=lungs, union=union, tolerance_mm=tolerance_mm)
+    for message in report.warnings:
+        typer.echo(f"ctquant: warning: {message}", err=True)
+    print_summary(report)
+
+
+@app.command()
+@handle_errors
+def batch(
+    manifest: Path = typer.Argument(..., help="CSV with subject_id, timepoint, input (+ series_uid, extra columns)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: scans/<subject>/<timepoint>/, cohort.csv, failures.csv."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Local worker processes (1: in this process)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler",
+                                            help="Dask scheduler address, e.g. tcp://host:8786 (needs the dask extra)."),
+    method: str = typer.Option("model", help="Lesion method: model (MONAI network) or hu (HU bands)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML overriding configs/quantify.yaml."),
+    seg_format: str = typer.Option("nifti", "--seg-format", help="nifti, dicom-seg or both."),
+    force: bool = typer.Option(False, "--force", help="Recompute every scan, even with a current result."),
+    endpoints_config: Optional[Path] = typer.Option(None, "--endpoints-config",
+                                                    help="Endpoints YAML for the report (default configs/endpoints.yaml)."),
+) -> None:
+    """Quantify every scan of a manifest: resumable, parallel (--workers / Dask), failures isolated."""
+    from .batch import make_progress, run_batch
+    from .errors import BatchFailures
+
+    summary = run_batch(manifest, out, method=method, device=device, config_path=config, seg_format=seg_format,
+                        workers=workers, scheduler=scheduler, force=force, endpoints_config=endpoints_config,
+                        progress=make_progress())
+    counts = summary.counts
+    typer.echo(f"ctquant batch: {counts['ok']} quantified, {counts['skipped']} skipped (current), "
+               f"{counts['failed']} failed; cohort table {summary.cohort_csv}", err=True)
+    if summary.endpoints is not None:
+        typer.echo(f"ctquant batch: endpoint report in {summary.out_dir / 'endpoints'}", err=True)
+    if counts["failed"]:
+        raise BatchFailures(f"{counts['failed']} of {len(summary.records)} scan(s) failed (see failures.csv)",
+                            summary.failures_csv)
+    if summary.endpoints_error is not None:
+        raise summary.endpoints_error
+
+
+@app.command()
+@handle_errors
+def report(
+    results_dir: Path = typer.Argument(..., help="A results folder: quantify/batch/endpoints output (searched recursively)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default RESULTS_DIR/cohort_report.html)."),
+    qc_images: bool = typer.Option(True, "--qc-images/--no-qc-images", help="Embed each scan's QC montage."),
+) -> None:
+    """Self-contained HTML report of every measures.json under RESULTS_DIR, with endpoint tables and plots."""
+    from .reports import write_cohort_report
+
+    path = write_cohort_report(results_dir, out, embed_qc=qc_images)
+    typer.echo(f"report in {path}")
 
 def main() -> None:
     """Console-script entry point."""

@@ -1,0 +1,250 @@
+"""One scan end to end: load, segment lungs and lesions, measure, write the results folder atomically.
+
+A results folder holds ``measures.json`` (written last: its presence marks a complete result),
+``measures.csv``, ``lungs.nii.gz`` (1 right, 2 left) and ``lesions.nii.gz`` (1 GGO, 2 consolidation),
+on the input's grid and geometry (``segmentation.dcm``, a DICOM SEG, instead or as well with
+``seg_format``), ``qc.png`` (QC montage) and ``report.html`` (self-contained per-scan report).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from . import __version__
+from .config import config_hash, file_sha256, load_quantify_config
+from .errors import InputError, OutputError
+from .io import Scan, load_scan, write_label_image
+from .lesions import segment_lesions_hu
+from .lungs import segment_lungs
+from .quantify import bilateral_flags, flatten, lung_measures, quality_flags
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "ctquant.measures/1"
+METHODS = ("model", "hu")
+_SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def sanitize_id(text: str) -> str:
+    """A subject/time-point ID safe as a single path component (letters, digits, ``._-``)."""
+    cleaned = _SAFE_ID.sub("_", str(text)).strip("._")
+    if not cleaned:
+        raise InputError(f"invalid identifier {text!r}")
+    return cleaned[:64]
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` becomes ``cuda`` when a GPU is usable, else ``cpu``."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise InputError(f"unknown device {device!r} (auto, cpu or cuda)")
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda asked for, but no CUDA GPU is available")
+    return device
+
+
+@dataclass
+class Segmentation:
+    """A scan with its lung and lesion labels, measures and stage timings (seconds)."""
+
+    scan: Scan
+    lung_labels: np.ndarray
+    lesion_labels: np.ndarray
+    measures: dict[str, Any]
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of ctquant and the libraries that shape its numbers."""
+    import monai
+    import pydicom
+    import SimpleITK as sitk
+    import skimage
+    import torch
+
+    return {"ctquant": __version__, "python": platform.python_version(), "numpy": np.__version__,
+            "torch": torch.__version__, "monai": monai.__version__, "simpleitk": sitk.__version__,
+            "pydicom": pydicom.__version__, "scikit-image": skimage.__version__}
+
+
+def analyse_scan(scan: Scan, *, method: str = "model", device: str = "cpu", config: dict[str, Any] | None = None,
+                 model: Any = None, subject_id: str | None = None, timepoint: str | None = None) -> Segmentation:
+    """Lungs, lesions and measures for a loaded scan (no file output).
+
+    Args:
+        method: ``model`` (the shipped MONAI network) or ``hu`` (HU bands).
+        model: an already loaded lesion model (batch workers load it once); loaded on demand if None.
+    """
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r} (model or hu)")
+    config = config or load_quantify_config()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    lung_labels = segment_lungs(scan.hu, scan.spacing_mm)
+    timings["lungs"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model_info: dict[str, Any] = {"model_file": None, "model_sha256": None}
+    if method == "hu":
+        bands = config["hu_bands"]
+        vessels = config.get("vessel_removal", {})
+        lesion_labels = segment_lesions_hu(
+            scan.hu, lung_labels, scan.spacing_mm, ggo_band_hu=tuple(bands["ggo"]),
+            consolidation_band_hu=tuple(bands["consolidation"]),
+            min_consolidation_thickness_mm=vessels.get("min_consolidation_thickness_mm", 3.0),
+            min_component_ml=vessels.get("min_component_ml", 0.05))
+    else:
+        from .lesion_model import load_lesion_model, segment_lesions
+
+        model = model or load_lesion_model(device=device)
+        lesion_labels = segment_lesions(scan.hu, lung_labels, model)
+        model_info = {"model_file": Path(model.path).name, "model_sha256": model.sha256}
+    timings["lesions"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    lungs = lung_measures(scan.hu, lung_labels, lesion_labels, scan.spacing_mm)
+    bilateral = bilateral_flags(lungs, float(config.get("bilateral_min_pct_of_lung", 0.5)))
+    flags = quality_flags(lung_labels, lungs, config)
+    timings["quantify"] = time.perf_counter() - t0
+    subject = sanitize_id(subject_id) if subject_id else (scan.meta.get("subject_hash") or None)
+    measures = {
+        "schema": SCHEMA,
+        "subject_id": subject,
+        "timepoint": sanitize_id(timepoint) if timepoint else None,
+        "method": method,
+        "lungs": lungs,
+        "bilateral": bilateral,
+        "flags": flags,
+        "provenance": {
+            "ctquant_version": __version__,
+            "method": method,
+            **model_info,
+            "config": config,
+            "config_sha256": config_hash(config),
+            "input": scan.meta.get("input"),
+            "input_format": scan.meta.get("format"),
+            "series_instance_uid": scan.meta.get("series_instance_uid"),
+            "study_instance_uid": scan.meta.get("study_instance_uid"),
+            "study_date": scan.meta.get("study_date"),
+            "spacing_mm": [round(s, 6) for s in scan.spacing_mm],
+            "shape": list(scan.hu.shape),
+            "device": device,
+            "software": software_versions(),
+            "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        },
+    }
+    for flag in flags:
+        log.warning("%s: %s", scan.meta.get("input"), flag)
+    return Segmentation(scan, lung_labels, lesion_labels, measures, timings)
+
+
+@contextmanager
+def atomic_output_dir(out_dir: str | Path) -> Iterator[Path]:
+    """A temporary folder beside ``out_dir`` whose files move into ``out_dir`` only on success.
+
+    ``measures.json`` moves last, so a folder with it is complete. On any error the temporary folder
+    is removed and ``out_dir`` is left as it was.
+    """
+    out_dir = Path(out_dir)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write here: {exc.strerror or exc}", out_dir) from None
+    try:
+        yield tmp
+        out_dir.mkdir(parents=True, exist_ok=True)
+        names = sorted(p.name for p in tmp.iterdir())
+        names.sort(key=lambda n: n == "measures.json")
+        for name in names:
+            os.replace(tmp / name, out_dir / name)
+    except OSError as exc:
+        raise OutputError(f"cannot write results: {exc.strerror or exc}", out_dir) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_results(seg: Segmentation, out_dir: str | Path, seg_format: str = "nifti", report: bool = True) -> Path:
+    """Write a results folder atomically (see module docstring); ``report``: also ``qc.png`` and
+    ``report.html`` (:mod:`ctquant.qc`, :mod:`ctquant.reports`)."""
+    if seg_format not in ("nifti", "dicom-seg", "both"):
+        raise InputError(f"unknown --seg-format {seg_format!r} (nifti, dicom-seg or both)")
+    out_dir = Path(out_dir)
+    with atomic_output_dir(out_dir) as tmp:
+        if seg_format in ("nifti", "both"):
+            write_label_image(seg.scan, seg.lung_labels, tmp / "lungs.nii.gz")
+            write_label_image(seg.scan, seg.lesion_labels, tmp / "lesions.nii.gz")
+        if seg_format in ("dicom-seg", "both"):
+            from .dicomseg import write_seg
+
+            write_seg(seg.scan, seg.lung_labels, seg.lesion_labels, tmp / "segmentation.dcm",
+                      method=seg.measures["method"], model_sha256=seg.measures["provenance"].get("model_sha256"))
+        m = seg.measures
+        row = {"subject_id": m["subject_id"], "timepoint": m["timepoint"], "method": m["method"],
+               **flatten(m["lungs"], m["bilateral"]), "flags": ";".join(m["flags"]),
+               "series_instance_uid": m["provenance"]["series_instance_uid"],
+               "model_sha256": m["provenance"]["model_sha256"],
+               "config_sha256": m["provenance"]["config_sha256"],
+               "ctquant_version": m["provenance"]["ctquant_version"]}
+        with open(tmp / "measures.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(row))
+            writer.writeheader()
+            writer.writerow(row)
+        if report:
+            from .reports import write_scan_outputs
+
+            write_scan_outputs(seg, tmp)  # qc.png, report.html
+        (tmp / "measures.json").write_text(json.dumps(m, indent=2, default=_json_default) + "\n")
+    return out_dir
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def quantify_to_dir(input_path: str | Path, out_dir: str | Path, *, method: str = "model", device: str = "auto",
+                    subject_id: str | None = None, timepoint: str | None = None,
+                    config_path: str | Path | None = None, series_uid: str | None = None,
+                    seg_format: str = "nifti", model: Any = None,
+                    extra_provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load ``input_path``, quantify it and write ``out_dir``; returns the measures dict.
+
+    ``extra_provenance`` (e.g. the batch runner's input fingerprint) is merged into ``provenance``.
+    """
+    config = load_quantify_config(config_path)
+    if device not in ("auto", "cpu", "cuda"):
+        resolve_device(device)  # a bad --device is refused before a long load
+    t0 = time.perf_counter()
+    scan = load_scan(input_path, series_uid)
+    load_s = time.perf_counter() - t0
+    device = resolve_device(device)  # imports torch: only once the input is known to load
+    seg = analyse_scan(scan, method=method, device=device, config=config, model=model,
+                       subject_id=subject_id, timepoint=timepoint)
+    if extra_provenance:
+        seg.measures["provenance"].update(extra_provenance)
+    seg.timings_s = {"load": load_s, **seg.timings_s}
+    t0 = time.perf_counter()
+    write_results(seg, out_dir, seg_format)
+    seg.timings_s["write"] = time.perf_counter() - t0
+    log.info("timings (s): %s", {k: round(v, 2) for k, v in seg.timings_s.items()})
+    return seg.measures

@@ -1,0 +1,94 @@
+"""Measures from lung and lesion label volumes: volumes (mL), % of lung, mean HU, bilateral flags.
+
+The measures dict (``measures.json``'s ``lungs`` field) holds, for ``right``, ``left`` and ``both``:
+``lung_volume_ml``, ``ggo_volume_ml``, ``ggo_pct``, ``consolidation_volume_ml``, ``consolidation_pct``,
+``opacity_volume_ml``, ``opacity_pct`` (GGO + consolidation) and ``mean_lung_hu``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .lesions import CONSOLIDATION, GGO
+from .lungs import LEFT, RIGHT
+
+MEASURES = ("lung_volume_ml", "ggo_volume_ml", "ggo_pct", "consolidation_volume_ml", "consolidation_pct",
+            "opacity_volume_ml", "opacity_pct", "mean_lung_hu")
+FINDINGS = ("ggo", "consolidation", "opacity")
+SIDES = ("right", "left", "both")
+
+
+def _pct(part: float, whole: float) -> float:
+    return 100.0 * part / whole if whole > 0 else 0.0
+
+
+def lung_measures(hu: np.ndarray, lung_labels: np.ndarray, lesion_labels: np.ndarray,
+                  spacing_mm: tuple[float, float, float]) -> dict[str, dict[str, float]]:
+    """Per lung (right, left) and both: volumes in mL, % of that lung's volume, mean lung HU."""
+    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+    # One pass: counts per (lung label, lesion label) pair and HU sums per lung label.
+    pair = lung_labels.astype(np.int32) * 3 + np.minimum(lesion_labels, 2)
+    counts = np.bincount(pair.ravel(), minlength=9).reshape(3, 3)
+    hu_sums = np.bincount(lung_labels.ravel(), weights=hu.ravel().astype(np.float64), minlength=3)
+    out: dict[str, dict[str, float]] = {}
+    for side, rows in (("right", [RIGHT]), ("left", [LEFT]), ("both", [RIGHT, LEFT])):
+        lung_n = counts[rows].sum()
+        ggo_n = counts[rows, GGO].sum()
+        cons_n = counts[rows, CONSOLIDATION].sum()
+        lung_ml, ggo_ml, cons_ml = lung_n * voxel_ml, ggo_n * voxel_ml, cons_n * voxel_ml
+        out[side] = {
+            "lung_volume_ml": round(lung_ml, 3),
+            "ggo_volume_ml": round(ggo_ml, 3),
+            "ggo_pct": round(_pct(ggo_ml, lung_ml), 4),
+            "consolidation_volume_ml": round(cons_ml, 3),
+            "consolidation_pct": round(_pct(cons_ml, lung_ml), 4),
+            "opacity_volume_ml": round(ggo_ml + cons_ml, 3),
+            "opacity_pct": round(_pct(ggo_ml + cons_ml, lung_ml), 4),
+            "mean_lung_hu": round(float(hu_sums[rows].sum() / lung_n), 2) if lung_n else None,
+        }
+    return out
+
+
+def bilateral_flags(measures: dict[str, dict[str, float]], min_pct_of_lung: float) -> dict[str, bool]:
+    """A finding is bilateral when it covers at least ``min_pct_of_lung`` % of each lung."""
+    return {
+        finding: bool(measures["right"][f"{finding}_pct"] >= min_pct_of_lung
+                      and measures["left"][f"{finding}_pct"] >= min_pct_of_lung)
+        for finding in FINDINGS
+    }
+
+
+def quality_flags(lung_labels: np.ndarray, measures: dict[str, dict[str, float]],
+                  config: dict[str, Any]) -> list[str]:
+    """Warnings about results that may be wrong: implausible lung volume, lungs cut by the field of view."""
+    flags = []
+    bounds = config.get("plausibility", {})
+    total = measures["both"]["lung_volume_ml"]
+    if total < bounds.get("min_lung_volume_ml", 1000) or total > bounds.get("max_lung_volume_ml", 10000):
+        flags.append(f"implausible_lung_volume: {total:.0f} mL")
+    for side, label in (("right", RIGHT), ("left", LEFT)):
+        if measures[side]["lung_volume_ml"] == 0:
+            flags.append(f"{side}_lung_not_found")
+            continue
+        lung = lung_labels == label
+        area = lung.sum(axis=(1, 2))
+        peak = area.max()
+        cut = []
+        if area[0] > 0.05 * peak or area[-1] > 0.05 * peak:
+            cut.append("z")
+        edges = np.concatenate([lung[:, 0, :].ravel(), lung[:, -1, :].ravel(), lung[:, :, 0].ravel(),
+                                lung[:, :, -1].ravel()])
+        if edges.any():
+            cut.append("in-plane")
+        if cut:
+            flags.append(f"{side}_lung_cut_by_field_of_view: {'/'.join(cut)}")
+    return flags
+
+
+def flatten(measures: dict[str, dict[str, float]], bilateral: dict[str, bool]) -> dict[str, Any]:
+    """One flat row: ``{side}_{measure}`` columns and ``{finding}_bilateral``."""
+    row: dict[str, Any] = {f"{side}_{key}": measures[side][key] for side in SIDES for key in MEASURES}
+    row.update({f"{finding}_bilateral": bilateral[finding] for finding in FINDINGS})
+    return row

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv and install ctquant with everything it needs (CPU build of torch, Dask extra).
+# Safe to re-run: an existing .venv is reused and only what is missing gets installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# torch first and pinned: this takes the CPU wheel that lies on the project's machines;
+# an unpinned torch would pull several GB of CUDA packages.
+.venv/bin/python -m pip install -q torch==2.13.0
+.venv/bin/python -m pip install -q -e '.[all]'
+echo "ctquant installed in .venv ($(.venv/bin/ctquant --version))"
