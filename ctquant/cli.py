@@ -82,6 +82,7 @@ def _root(
         level=logging.DEBUG if debug else logging.WARNING,
         format="ctquant: %(levelname)s: %(message)s",
         stream=sys.stderr,
+        force=True,  # the stream of this invocation (in-process runners swap sys.stderr)
     )
     # pydicom warns (and logs) about every odd header value; that chatter would break the one-line
     # error contract on stderr, so it goes to the log, shown with --debug only.
@@ -245,7 +246,8 @@ def agree(
         None, "--reader-labels", help="Per-reader remapping READER:VALUE=class,... (READER: name or 1-based "
                                       "position; repeatable), e.g. 'B:3=ggo,4=consolidation'."),
     names: Optional[str] = typer.Option(None, "--names", help="Reader names, comma-separated (default: folder names)."),
-    lungs: Optional[Path] = typer.Option(None, "--lungs", help="Folder of lung masks with matching names (for % of lung)."),
+    lungs: Optional[Path] = typer.Option(None, "--lungs",
+                                         help="Folder of lung masks with matching names (for % of lung)."),
     union: Optional[str] = typer.Option(None, "--union", help="Also compare the union of all classes under this name."),
     tolerance_mm: float = typer.Option(0.01, "--tolerance-mm", help="Grid tolerance (spacing/origin, mm)."),
     table: Optional[Path] = typer.Option(None, "--table", help="Table mode: CSV case_id,reader,measure,value (long) "
@@ -309,6 +311,8 @@ def batch(
     force: bool = typer.Option(False, "--force", help="Recompute every scan, even with a current result."),
     endpoints_config: Optional[Path] = typer.Option(None, "--endpoints-config",
                                                     help="Endpoints YAML for the report (default configs/endpoints.yaml)."),
+    report: Optional[bool] = typer.Option(None, "--endpoints/--no-endpoints",
+                                          help="Endpoint report in OUT/endpoints (default: when a subject has 2+ time points)."),
 ) -> None:
     """Quantify every scan of a manifest: resumable, parallel (--workers / Dask), failures isolated."""
     from .batch import make_progress, run_batch
@@ -316,7 +320,7 @@ def batch(
 
     summary = run_batch(manifest, out, method=method, device=device, config_path=config, seg_format=seg_format,
                         workers=workers, scheduler=scheduler, force=force, endpoints_config=endpoints_config,
-                        progress=make_progress())
+                        endpoints=report, progress=make_progress())
     counts = summary.counts
     typer.echo(f"ctquant batch: {counts['ok']} quantified, {counts['skipped']} skipped (current), "
                f"{counts['failed']} failed; cohort table {summary.cohort_csv}", err=True)

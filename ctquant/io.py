@@ -146,9 +146,9 @@ class SeriesInfo:
     def unsuitable_reason(self) -> str | None:
         """Why this series is not a CT volume ctquant can quantify, or None if it is."""
         if self.modality != "CT":
-            return f"modality {self.modality or 'unknown'} is not CT"
+            return f"modality {_clean(self.modality, 16) or 'unknown'} is not CT"
         if self.sop_class_uid not in CT_STORAGE_CLASSES:
-            return f"SOP class {self.sop_class_uid or 'unknown'} is not CT image storage"
+            return f"SOP class {_clean(self.sop_class_uid) or 'unknown'} is not CT image storage"
         if any(t.upper() in ("LOCALIZER", "SCOUT") for t in self.image_type):
             return "localizer/scout image"
         if not self.is_axial:
@@ -216,9 +216,15 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _clean(text: Any, limit: int = 64) -> str:
+    """Header text for an error message: control characters escaped, at most ``limit`` characters."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+    return _clean(text.splitlines()[0], 200) if text else type(exc).__name__
 
 
 def _frame_orientation(ds: pydicom.Dataset) -> tuple[float, ...] | None:
@@ -414,12 +420,13 @@ def select_series(series: list[SeriesInfo], series_uid: str | None = None,
             if info.series_uid == series_uid:
                 reason = info.unsuitable_reason()
                 if reason:
-                    raise InputError(f"series {series_uid} cannot be quantified: {reason}", root)
+                    raise InputError(f"series {_clean(series_uid)} cannot be quantified: {reason}", root)
                 return info
-        raise InputError(f"series {series_uid} not found among {len(series)} series", root)
+        raise InputError(f"series {_clean(series_uid)} not found among {len(series)} series", root)
     candidates = [s for s in series if s.unsuitable_reason() is None]
     if not candidates:
-        found = "; ".join(f"{s.modality or '?'} '{s.description}' ({s.unsuitable_reason()})" for s in series[:5])
+        found = "; ".join(f"{_clean(s.modality, 16) or '?'} '{_clean(s.description)}' ({s.unsuitable_reason()})"
+                          for s in series[:5])
         if len(series) > 5:
             found += f"; and {len(series) - 5} more"
         raise InputError(f"no axial CT series to quantify (found: {found})", root)
@@ -459,7 +466,8 @@ def _check_size(ds: pydicom.Dataset, path: Path) -> tuple[int, int, int]:
     samples = _as_int(_tag(ds, "SamplesPerPixel"), 1)
     photometric = str(_tag(ds, "PhotometricInterpretation", "") or "").strip().upper()
     if samples != 1 or (photometric and not photometric.startswith("MONOCHROME")):
-        raise InputError(f"colour image ({photometric or '?'}, {samples} samples per pixel), not a CT slice", path)
+        raise InputError(f"colour image ({_clean(photometric, 16) or '?'}, {samples} samples per pixel), not a CT slice",
+                         path)
     if rows > MAX_MATRIX or cols > MAX_MATRIX:
         raise InputError(f"matrix {rows}x{cols} exceeds the {MAX_MATRIX} pixel limit", path)
     bits = _as_int(_tag(ds, "BitsAllocated"), 0)
@@ -479,7 +487,7 @@ def _check_size(ds: pydicom.Dataset, path: Path) -> tuple[int, int, int]:
 
 def _syntax_name(syntax: Any) -> str:
     name = _SYNTAX_NAMES.get(str(syntax)) or getattr(syntax, "name", "") or str(syntax)
-    return name if name == str(syntax) else f"{name} ({syntax})"
+    return _clean(name if name == str(syntax) else f"{name} ({syntax})", 100)
 
 
 def _pixels(ds: pydicom.Dataset, path: Path) -> np.ndarray:
@@ -773,38 +781,93 @@ _STDERR_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Hold what C libraries (ITK, niftilib) print on file descriptor 2; logged at debug level.
+def _quiet_stderr() -> Iterator[list[str]]:
+    """Hold what C libraries (ITK, niftilib) print on file descriptor 2 instead of showing it.
 
-    A lock keeps threads from interleaving the redirections.
+    Yields a list that receives the held text (also logged at debug level). A lock keeps threads
+    from interleaving the redirections.
     """
+    said: list[str] = []
     with _STDERR_LOCK:
         try:
             sys.stderr.flush()
             saved = os.dup(2)
         except (OSError, ValueError, AttributeError):
-            yield
+            yield said
             return
         with tempfile.TemporaryFile() as held:
             os.dup2(held.fileno(), 2)
             try:
-                yield
+                yield said
             finally:
                 os.dup2(saved, 2)
                 os.close(saved)
                 held.seek(0)
                 text = held.read().decode("utf-8", "replace").strip()
                 if text:
+                    said.append(text)
                     log.debug("image reader said: %s", text)
 
 
-def _itk_detail(exc: RuntimeError) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    for line in lines:
-        if "ITK ERROR" in line:
-            return line.split(":", 1)[-1].split("):", 1)[-1].strip()[:160]
-    useful = [ln for ln in lines if "Exception thrown" not in ln]
-    return useful[0][:160] if useful else ""
+def _itk_detail(exc: RuntimeError, said: list[str], path: Path) -> str:
+    """The useful part of an ITK exception (or of what the reader printed), on one line."""
+    lines = [ln.strip() for text in said for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        lines = [ln.split("):", 1)[-1].strip() if "ITK ERROR" in ln else ln for ln in lines
+                 if "Exception thrown" not in ln and not ln.startswith("Reason:")]
+    detail = " ".join(lines[:2]).replace(str(path), "").replace("** ERROR:", "").strip(" :")
+    return _clean(" ".join(detail.split()), 160)
+
+
+def _nifti_data_end(header: bytes) -> int | None:
+    """Offset of the end of a NIfTI-1/2 file's voxel data, from its header; None if not NIfTI."""
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = struct.unpack(order + "f", header[108:112])[0]
+            break
+        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            dims = struct.unpack(order + "8q", header[16:80])
+            offset = struct.unpack(order + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    if not 1 <= dims[0] <= 7 or bitpix <= 0 or not math.isfinite(offset) or offset < 0:
+        return None
+    voxels = math.prod(max(0, int(d)) for d in dims[1:dims[0] + 1])
+    return int(offset) + voxels * bitpix // 8
+
+
+def _check_nifti_length(path: Path) -> None:
+    """Refuse a NIfTI file shorter than its header says (ITK reads the missing voxels as zeros)."""
+    import gzip
+    import zlib
+
+    compressed = path.name.lower().endswith(".gz")
+    try:
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as handle:
+            end = _nifti_data_end(handle.read(540))
+            if end is None:
+                return
+            if compressed:
+                with open(path, "rb") as raw:  # the gzip trailer holds the length (mod 2**32)
+                    raw.seek(-4, os.SEEK_END)
+                    if struct.unpack("<I", raw.read(4))[0] == end % 2**32:
+                        return
+                size = 540
+                while chunk := handle.read(1 << 22):
+                    size += len(chunk)
+            else:
+                size = path.stat().st_size
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise InputError(f"truncated or corrupt compressed image data ({_first_line(exc)})", path) from None
+    except OSError as exc:
+        raise InputError(f"unreadable image file: {exc.strerror or exc}", path) from None
+    if size < end:
+        raise InputError(f"truncated image data ({size} of {end} bytes)", path)
 
 
 def load_volume_file(path: str | Path) -> Scan:
@@ -820,10 +883,10 @@ def load_volume_file(path: str | Path) -> Scan:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        with _quiet_stderr():
+        with _quiet_stderr() as said:
             reader.ReadImageInformation()
     except RuntimeError as exc:
-        detail = _itk_detail(exc)
+        detail = _itk_detail(exc, said, path)
         raise InputError(f"unreadable image header{': ' + detail if detail else ''}", path) from None
     size, dim, comps = reader.GetSize(), reader.GetDimension(), reader.GetNumberOfComponents()
     if dim != 3 or comps != 1:
@@ -838,11 +901,13 @@ def load_volume_file(path: str | Path) -> Scan:
     if nbytes > MAX_VOLUME_BYTES:
         raise InputError(f"volume of {'x'.join(map(str, size))} voxels exceeds the "
                          f"{MAX_VOLUME_BYTES / 2**30:.0f} GiB limit", path)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_length(path)
     try:
-        with _quiet_stderr():
+        with _quiet_stderr() as said:
             image = reader.Execute()
     except RuntimeError as exc:
-        detail = _itk_detail(exc)
+        detail = _itk_detail(exc, said, path)
         raise InputError(f"unreadable image data{': ' + detail if detail else ''}", path) from None
     fmt = next((s for s in VOLUME_SUFFIXES[::-1] if path.name.lower().endswith(s)), path.suffix).lstrip(".")
     meta = {"format": fmt, "input": str(path), "series_instance_uid": None,
@@ -868,17 +933,26 @@ def load_scan(path: str | Path, series_uid: str | None = None) -> Scan:
 
 #: Accepted range (HU) of the air level found in the image (outside the body, trachea, lung).
 AIR_HU_RANGE = (-1200.0, -800.0)
-#: Values at or below this are padding outside the reconstructed field of view (scanners pad with
-#: -2000, -2048, -3024 or -32768), not air, and are left out of the air estimate.
+#: Values at or below this may be padding outside the reconstructed field of view (scanners pad with
+#: -2000, -2048, -3024 or -32768). Only values that also fill the slice corners are taken as padding:
+#: padding is one constant outside the FOV circle, while air of a wrongly rescaled image is noisy.
 PADDING_HU = -1500
 
 
+def padding_values(hu: np.ndarray) -> np.ndarray:
+    """The padding values of a volume: values at or below :data:`PADDING_HU` in its slice corners."""
+    if hu.ndim != 3 or min(hu.shape) == 0:
+        return np.array([np.iinfo(np.int16).min])
+    corners = np.concatenate([hu[:, 0, 0], hu[:, 0, -1], hu[:, -1, 0], hu[:, -1, -1]])
+    return np.union1d(np.unique(corners[corners <= PADDING_HU]), [np.iinfo(np.int16).min])
+
+
 def _air_percentiles(hu: np.ndarray, max_samples: int = 2_000_000) -> tuple[float, float]:
-    """The 0.1th and 0.5th percentiles of values above the padding level (NaN when there are none)."""
+    """The 0.1th and 0.5th percentiles of the values that are not padding (NaN when there are none)."""
     flat = hu.reshape(-1)
     if flat.size > max_samples:
         flat = flat[np.random.default_rng(0).integers(0, flat.size, max_samples)]
-    sample = flat[flat > PADDING_HU]
+    sample = flat[~np.isin(flat, padding_values(hu))]
     if sample.size < 100:
         return float("nan"), float("nan")
     low, mid = np.percentile(sample, [0.1, 0.5])
@@ -886,11 +960,11 @@ def _air_percentiles(hu: np.ndarray, max_samples: int = 2_000_000) -> tuple[floa
 
 
 def estimate_air_hu(hu: np.ndarray, max_samples: int = 2_000_000) -> float:
-    """The image's air level, from its lowest values above the padding level.
+    """The image's air level, from its lowest values that are not padding.
 
     Air outside the body gives the 0.5th percentile; when the field of view excludes outside air, the
     0.1th percentile still falls in the trachea and lung. Returns whichever is in
-    :data:`AIR_HU_RANGE` (the 0.5th percentile if neither), NaN when nothing is above the padding.
+    :data:`AIR_HU_RANGE` (the 0.5th percentile if neither), NaN when everything is padding.
     """
     low, mid = _air_percentiles(hu, max_samples)
     for value in (mid, low):
@@ -905,7 +979,7 @@ def check_hounsfield(hu: np.ndarray, path: str | Path | None = None) -> None:
     if AIR_HU_RANGE[0] <= air <= AIR_HU_RANGE[1]:
         return
     if math.isnan(air):
-        raise CalibrationError(f"no value above {PADDING_HU} HU: not Hounsfield units", path)
+        raise CalibrationError("the image holds nothing but padding values", path)
     lo, hi = int(hu.min()), int(hu.max())
     if 0 <= lo and hi <= 255:
         hint = f"values span {lo}..{hi}: an 8-bit windowed export?"

@@ -34,14 +34,14 @@ def opening_mm(mask: np.ndarray, spacing_mm: tuple[float, float, float], diamete
 def segment_lesions_hu(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tuple[float, float, float], *,
                        ggo_band_hu: tuple[float, float] = (-700.0, -300.0),
                        consolidation_band_hu: tuple[float, float] = (-300.0, 100.0),
-                       min_consolidation_thickness_mm: float = 3.0,
+                       min_consolidation_thickness_mm: float = 8.0,
                        min_component_ml: float = 0.05) -> np.ndarray:
     """GGO and consolidation from HU bands inside the lungs, vessels removed by thickness.
 
     Dense voxels (consolidation band) are kept as consolidation only where the dense region is at
-    least ``min_consolidation_thickness_mm`` thick (thin tubes are vessels); the removed vessels and a
-    one-voxel rim around them (partial volume) are not counted as GGO either. Components smaller than
-    ``min_component_ml`` are dropped.
+    least ``min_consolidation_thickness_mm`` thick (thinner tubes are vessels). Components smaller
+    than ``min_component_ml`` are dropped. Known limits: vessels thicker than the threshold (near the
+    hilum) count as consolidation, and thin consolidation is missed.
     """
     lung = lung_labels > 0
     labels = np.zeros(hu.shape, dtype=np.uint8)
@@ -50,11 +50,6 @@ def segment_lesions_hu(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tupl
     ggo = lung & (hu >= ggo_band_hu[0]) & (hu < ggo_band_hu[1])
     dense = lung & (hu >= consolidation_band_hu[0]) & (hu < consolidation_band_hu[1])
     consolidation = opening_mm(dense, spacing_mm, min_consolidation_thickness_mm)
-    vessels = dense & ~consolidation
-    # Dense tissue at or above the upper band (large vessels with contrast, calcification) is not lesion
-    # but its partial-volume rim must not become GGO either.
-    vessels |= lung & (hu >= consolidation_band_hu[1])
-    ggo &= ~ndi.binary_dilation(vessels)
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     labels[remove_small(ggo, min_component_ml / voxel_ml)] = GGO
     labels[remove_small(consolidation, min_component_ml / voxel_ml)] = CONSOLIDATION

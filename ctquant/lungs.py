@@ -10,7 +10,9 @@ A classical pipeline, run on a coarse grid (about 2.5 mm) for speed and refined 
    then a watershed); right lung = the one on the patient's right (lower LPS x);
 5. dense lung: each lung's envelope is a 3D closing with a ball of ``envelope_radius_mm``, which fills
    lesions that bite into the lung from the pleura (consolidation, ground glass) and enclosed vessels;
-   the envelope is restricted to non-bone voxels and never crosses into the other lung or the airways.
+   the envelope is restricted to non-bone voxels and never crosses into the other lung or the airways;
+6. dependent consolidation: each lung is extended through soft-tissue density to the rib cage on the
+   lateral and posterior side (:func:`fill_to_rib_cage`).
 
 Labels follow the lungmask convention: 0 background, 1 right lung, 2 left lung.
 """
@@ -235,8 +237,76 @@ def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
         d_right = ndi.distance_transform_edt(~right, sampling=coarse_spacing)
         d_left = ndi.distance_transform_edt(~left, sampling=coarse_spacing)
         labels_c[both] = np.where(d_right[both] <= d_left[both], RIGHT, LEFT)
+    labels_c = fill_to_rib_cage(labels_c, hu_c, body & ~airways, coarse_spacing)
     dense_added = (labels_c > 0) & ~air
     return _refine(labels_c, dense_added, hu, factors, air_threshold_hu, dense_max_hu)
+
+
+def fill_to_rib_cage(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, spacing_mm: tuple[float, float, float],
+                     *, max_fill_mm: float = 45.0, wall_mm: float = 2.0, bone_hu: float = 200.0,
+                     dense_min_hu: float = -300.0, cage_z_mm: float = 30.0, n_angles: int = 360) -> np.ndarray:
+    """Extend each lung to the rib cage through dense tissue: dependent and pleural consolidation.
+
+    Per axial slice and lung, rays leave the lung's centre towards the lateral and posterior chest wall
+    (the dependent side of a supine patient). Where a ray leaves the lung and crosses only soft-tissue
+    density (``dense_min_hu`` to ``bone_hu``) before the rib cage (bone, projected over ``cage_z_mm``
+    so that intercostal slices see their ribs), the stretch is lung, less the chest-wall layer that
+    the same slice shows where the lung is aerated up to the ribs (the 20th percentile of gaps).
+    Stretches longer than ``max_fill_mm`` are left alone.
+    """
+    sz, sy, sx = spacing_mm
+    bone = (hu >= bone_hu) & body
+    size = max(1, int(round(cage_z_mm / sz))) | 1
+    cage = ndi.maximum_filter1d(bone.view(np.uint8), size=size, axis=0).astype(bool)
+    out = labels.copy()
+    step_mm = 0.5 * min(sy, sx)
+    theta = np.linspace(0, 2 * np.pi, n_angles, endpoint=False)
+    dy, dx = np.sin(theta), np.cos(theta)
+    ny, nx = hu.shape[1:]
+    rmax_mm = 0.75 * max(ny * sy, nx * sx)
+    radii = np.arange(0, rmax_mm, step_mm)
+    x_mid = np.nonzero(body.any(axis=(0, 1)))[0].mean()
+    for side in (1, 2):
+        for z in range(hu.shape[0]):
+            m = labels[z] == side
+            if m.sum() < 20:
+                continue
+            cy, cx = ndi.center_of_mass(m)
+            medial = np.sign(x_mid - cx)  # +1: medial is +x
+            keep_dir = ((dx * medial) <= 0.3) & (dy >= 0.0)  # lateral or posterior (dependent) only
+            yy = np.rint(cy + radii[None, :] * dy[:, None] / sy).astype(int)
+            xx = np.rint(cx + radii[None, :] * dx[:, None] / sx).astype(int)
+            inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+            yy, xx = np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)
+            lung_s = m[yy, xx] & inside
+            hu_s = hu[z][yy, xx]
+            cage_s = cage[z][yy, xx] & inside
+            body_s = body[z][yy, xx] & inside
+            n_r = len(radii)
+            idx = np.arange(n_r)[None, :]
+            last_air = np.where(lung_s.any(axis=1), n_r - 1 - np.argmax(lung_s[:, ::-1], axis=1), -1)
+            beyond = idx > last_air[:, None]
+            cage_hit = cage_s & beyond
+            first_cage = np.where(cage_hit.any(axis=1), np.argmax(cage_hit, axis=1), -1)
+            max_steps = int(max_fill_mm / step_mm)
+            wall_steps = int(wall_mm / step_mm)
+            ok = keep_dir & (last_air >= 0) & (first_cage > 0) & (first_cage - last_air <= max_steps)
+            gaps = (first_cage - last_air)[ok]
+            if gaps.size < 10:
+                continue
+            wall = int(np.percentile(gaps, 20)) + wall_steps  # chest-wall layer seen where lung is aerated
+            seg = beyond & (idx < (first_cage - wall)[:, None])
+            dense = (hu_s >= dense_min_hu) & (hu_s < bone_hu) & body_s
+            # the whole segment must be dense soft tissue (no fat gap, no air, no outside)
+            bad = seg & ~dense
+            ok &= ~bad.any(axis=1)
+            sel = seg & ok[:, None]
+            if sel.any():
+                fill = np.zeros((ny, nx), bool)
+                fill[yy[sel], xx[sel]] = True
+                fill = ndi.binary_closing(fill, iterations=2) & (labels[z] == 0) & ~(hu[z] >= bone_hu)
+                out[z][fill & (out[z] == 0)] = side
+    return out
 
 
 def _upsample(coarse: np.ndarray, factors: tuple[int, int, int], shape: tuple[int, ...]) -> np.ndarray:

@@ -108,7 +108,7 @@ def analyse_scan(scan: Scan, *, method: str = "model", device: str = "cpu", conf
         lesion_labels = segment_lesions_hu(
             scan.hu, lung_labels, scan.spacing_mm, ggo_band_hu=tuple(bands["ggo"]),
             consolidation_band_hu=tuple(bands["consolidation"]),
-            min_consolidation_thickness_mm=vessels.get("min_consolidation_thickness_mm", 3.0),
+            min_consolidation_thickness_mm=vessels.get("min_consolidation_thickness_mm", 8.0),
             min_component_ml=vessels.get("min_component_ml", 0.05))
     else:
         from .lesion_model import load_lesion_model, segment_lesions
@@ -234,6 +234,8 @@ def quantify_to_dir(input_path: str | Path, out_dir: str | Path, *, method: str 
     config = load_quantify_config(config_path)
     if device not in ("auto", "cpu", "cuda"):
         resolve_device(device)  # a bad --device is refused before a long load
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise OutputError("exists and is not a folder", out_dir)
     t0 = time.perf_counter()
     scan = load_scan(input_path, series_uid)
     load_s = time.perf_counter() - t0

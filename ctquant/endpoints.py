@@ -1,0 +1,1210 @@
+"""Trial endpoints: per-patient comparison of two time points and cohort response rates.
+
+Endpoints are data (``configs/endpoints.yaml``, or a user file with ``--config``): a measure of a
+``ctquant quantify`` result (``ggo_pct``, ``opacity_pct``, ...), two time points, a scope (``bilateral``:
+the finding in both lungs at the first time point) and a reduction rule (a relative AND an absolute
+decrease, so that measurement noise is not called improvement). See the comments in that file.
+
+The pure functions (:func:`change`, :func:`is_bilateral`, :func:`reduction_verdict`,
+:func:`cohort_summary`, :func:`clopper_pearson`) do the arithmetic; :func:`run_compare` and
+:func:`run_endpoints` are the ``ctquant compare`` / ``ctquant endpoints`` commands without the CLI.
+All outputs are staged in temporary files and renamed into place only when every one is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import io
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from . import __version__
+from .config import CONFIG_DIR, config_hash, file_sha256, load_yaml, merge
+from .errors import CtquantError, InputError, IncompatibleResults, OutputError
+
+log = logging.getLogger("ctquant.endpoints")
+
+#: Schema tags of the files read and written here.
+MEASURES_SCHEMA = "ctquant.measures/1"
+ENDPOINTS_SCHEMA = "ctquant.endpoints/1"
+COMPARISON_SCHEMA = "ctquant.comparison/1"
+COHORT_SCHEMA = "ctquant.endpoints.cohort/1"
+
+DEFAULT_CONFIG = CONFIG_DIR / "endpoints.yaml"
+LUNGS = ("right", "left", "both")
+#: Every per-lung measure of a result, in table order.
+MEASURES = (
+    "lung_volume_ml",
+    "ggo_volume_ml",
+    "ggo_pct",
+    "consolidation_volume_ml",
+    "consolidation_pct",
+    "opacity_volume_ml",
+    "opacity_pct",
+    "mean_lung_hu",
+)
+#: Measures an endpoint may use, with the %-of-lung measure that decides "involved" for the scope.
+ENDPOINT_MEASURES = {
+    "ggo_pct": "ggo_pct",
+    "consolidation_pct": "consolidation_pct",
+    "opacity_pct": "opacity_pct",
+    "ggo_volume_ml": "ggo_pct",
+    "consolidation_volume_ml": "consolidation_pct",
+    "opacity_volume_ml": "opacity_pct",
+}
+MEASURE_LABELS = {
+    "lung_volume_ml": "lung volume (ml)",
+    "ggo_volume_ml": "GGO volume (ml)",
+    "ggo_pct": "GGO % of lung",
+    "consolidation_volume_ml": "consolidation volume (ml)",
+    "consolidation_pct": "consolidation % of lung",
+    "opacity_volume_ml": "infiltration (GGO + consolidation) volume (ml)",
+    "opacity_pct": "infiltration (GGO + consolidation) % of lung",
+    "mean_lung_hu": "mean lung density (HU)",
+}
+SCOPES = ("bilateral", "all")
+EVALUATE = ("both", "each")
+_ENDPOINT_FIELDS = {"name", "description", "measure", "from", "to", "scope",
+                    "bilateral_min_pct_of_lung", "evaluate", "reduction"}
+_REDUCTION_FIELDS = {"min_relative_decrease_pct", "min_absolute_decrease"}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: Tolerance of threshold comparisons, so that 4.0 -> 3.0 is exactly "1 point" despite float rounding.
+_EPS = 1e-9
+
+
+# --------------------------------------------------------------------------------------------------
+# Endpoint definitions
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One endpoint: a reduction of ``measure`` from time point ``from_tp`` to ``to_tp``."""
+
+    name: str
+    measure: str
+    from_tp: str
+    to_tp: str
+    min_relative_decrease_pct: float
+    min_absolute_decrease: float
+    description: str = ""
+    scope: str = "bilateral"
+    bilateral_min_pct_of_lung: float = 0.5
+    evaluate: str = "both"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The definition as written in YAML (for provenance and the config hash)."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "measure": self.measure,
+            "from": self.from_tp,
+            "to": self.to_tp,
+            "scope": self.scope,
+            "bilateral_min_pct_of_lung": self.bilateral_min_pct_of_lung,
+            "evaluate": self.evaluate,
+            "reduction": {
+                "min_relative_decrease_pct": self.min_relative_decrease_pct,
+                "min_absolute_decrease": self.min_absolute_decrease,
+            },
+        }
+
+    @property
+    def unit(self) -> str:
+        """Unit of an absolute change of the measure ("points" of lung %, or "ml")."""
+        return "ml" if self.measure.endswith("_ml") else "points"
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    """The endpoints of one config file, with its path and a hash of the parsed definitions."""
+
+    endpoints: tuple[Endpoint, ...]
+    path: str
+    sha256: str
+
+    def for_timepoints(self, from_tp: str, to_tp: str) -> list[Endpoint]:
+        """The endpoints that compare ``from_tp`` to ``to_tp``."""
+        return [ep for ep in self.endpoints if ep.from_tp == from_tp and ep.to_tp == to_tp]
+
+
+def _number(value: Any, what: str, path: Path, lo: float = 0.0, hi: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{what} must be a number, not {value!r}", path)
+    if not lo <= value <= hi:
+        raise InputError(f"{what} must be between {lo:g} and {hi:g}, not {value!r}", path)
+    return float(value)
+
+
+def _parse_endpoint(raw: Any, defaults: dict[str, Any], index: int, path: Path) -> Endpoint:
+    label = f"endpoint #{index + 1}"
+    if not isinstance(raw, dict):
+        raise InputError(f"{label}: must be a mapping of fields", path)
+    if isinstance(raw.get("name"), str):
+        label = f"endpoint '{raw['name']}'"
+    unknown = sorted(set(raw) - _ENDPOINT_FIELDS)
+    if unknown:
+        raise InputError(f"{label}: unknown field(s) {', '.join(unknown)} "
+                         f"(allowed: {', '.join(sorted(_ENDPOINT_FIELDS))})", path)
+    spec = merge(defaults, raw)
+    for key in ("name", "measure", "from", "to", "reduction"):
+        if spec.get(key) in (None, ""):
+            raise InputError(f"{label}: missing field '{key}'", path)
+    name = spec["name"]
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise InputError(f"{label}: name must be letters, digits, '_', '-' or '.', not {name!r}", path)
+    measure = spec["measure"]
+    if measure not in ENDPOINT_MEASURES:
+        raise InputError(f"{label}: unknown measure {measure!r} "
+                         f"(one of {', '.join(ENDPOINT_MEASURES)})", path)
+    tps = {}
+    for key in ("from", "to"):
+        value = spec[key]
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise InputError(f"{label}: '{key}' must be a time point label, not {value!r}", path)
+        tps[key] = str(value).strip()
+    if tps["from"] == tps["to"]:
+        raise InputError(f"{label}: 'from' and 'to' are the same time point ({tps['from']})", path)
+    scope = spec.get("scope", "bilateral")
+    if scope not in SCOPES:
+        raise InputError(f"{label}: scope must be one of {', '.join(SCOPES)}, not {scope!r}", path)
+    evaluate = spec.get("evaluate", "both")
+    if evaluate not in EVALUATE:
+        raise InputError(f"{label}: evaluate must be one of {', '.join(EVALUATE)}, not {evaluate!r}", path)
+    min_pct = _number(spec.get("bilateral_min_pct_of_lung", 0.5),
+                      f"{label}: bilateral_min_pct_of_lung", path, 0.0, 100.0)
+    reduction = spec["reduction"]
+    if not isinstance(reduction, dict):
+        raise InputError(f"{label}: 'reduction' must be a mapping with "
+                         f"{' and '.join(sorted(_REDUCTION_FIELDS))}", path)
+    unknown = sorted(set(reduction) - _REDUCTION_FIELDS)
+    if unknown:
+        raise InputError(f"{label}: unknown reduction field(s) {', '.join(unknown)}", path)
+    for key in sorted(_REDUCTION_FIELDS):
+        if key not in reduction:
+            raise InputError(f"{label}: missing field 'reduction.{key}'", path)
+    description = spec.get("description") or ""
+    if not isinstance(description, str):
+        raise InputError(f"{label}: description must be text", path)
+    return Endpoint(
+        name=name,
+        measure=measure,
+        from_tp=tps["from"],
+        to_tp=tps["to"],
+        min_relative_decrease_pct=_number(reduction["min_relative_decrease_pct"],
+                                          f"{label}: reduction.min_relative_decrease_pct", path, 0.0, 100.0),
+        min_absolute_decrease=_number(reduction["min_absolute_decrease"],
+                                      f"{label}: reduction.min_absolute_decrease", path),
+        description=" ".join(description.split()),
+        scope=scope,
+        bilateral_min_pct_of_lung=min_pct,
+        evaluate=evaluate,
+    )
+
+
+def load_endpoints(path: str | Path | None = None) -> EndpointConfig:
+    """Read and validate an endpoints file (default: the shipped ``configs/endpoints.yaml``).
+
+    A problem (unknown field or measure, missing field, bad value, duplicate name) is an
+    :class:`InputError` naming the file and the endpoint.
+    """
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    data = load_yaml(path)
+    unknown = sorted(set(data) - {"schema", "defaults", "endpoints"})
+    if unknown:
+        raise InputError(f"unknown top-level key(s) {', '.join(unknown)} "
+                         "(allowed: schema, defaults, endpoints)", path)
+    if data.get("schema", ENDPOINTS_SCHEMA) != ENDPOINTS_SCHEMA:
+        raise InputError(f"unsupported schema {data.get('schema')!r} (expected {ENDPOINTS_SCHEMA})", path)
+    defaults = data.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise InputError("'defaults' must be a mapping", path)
+    bad = sorted(set(defaults) - (_ENDPOINT_FIELDS - {"name"}))
+    if bad:
+        raise InputError(f"defaults: unknown or not defaultable field(s) {', '.join(bad)}", path)
+    raw_endpoints = data.get("endpoints")
+    if not isinstance(raw_endpoints, list) or not raw_endpoints:
+        raise InputError("'endpoints' must be a non-empty list", path)
+    endpoints = [_parse_endpoint(raw, defaults, i, path) for i, raw in enumerate(raw_endpoints)]
+    names = [ep.name for ep in endpoints]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise InputError(f"duplicate endpoint name(s): {', '.join(dupes)}", path)
+    digest = config_hash({"schema": ENDPOINTS_SCHEMA, "endpoints": [ep.as_dict() for ep in endpoints]})
+    return EndpointConfig(tuple(endpoints), str(path), digest)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-scan results
+
+
+def load_measures(path: str | Path) -> dict[str, Any]:
+    """Read a ``measures.json`` (or the folder holding one) and check what the endpoints need.
+
+    Raises :class:`InputError` naming the file when it is unreadable, of another schema, or lacks a
+    per-lung lesion measure.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "measures.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError("no measures.json (not a ctquant quantify result)", path) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot read result: {str(exc).splitlines()[0]}", path) from None
+    if not isinstance(data, dict):
+        raise InputError("a result must be a JSON object", path)
+    if data.get("schema") != MEASURES_SCHEMA:
+        raise InputError(f"unsupported result schema {data.get('schema')!r} (expected {MEASURES_SCHEMA})", path)
+    lungs = data.get("lungs")
+    if not isinstance(lungs, dict):
+        raise InputError("result has no 'lungs' table", path)
+    for lung in LUNGS:
+        entry = lungs.get(lung)
+        if not isinstance(entry, dict):
+            raise InputError(f"result has no lungs.{lung}", path)
+        for measure in MEASURES:
+            value = entry.get(measure)
+            if measure == "mean_lung_hu" and (value is None or (isinstance(value, float) and math.isnan(value))):
+                continue  # no lung voxels: quantify writes NaN
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InputError(f"lungs.{lung}.{measure} is missing or not a number ({value!r})", path)
+            if measure != "mean_lung_hu" and value < 0:
+                raise InputError(f"lungs.{lung}.{measure} is negative ({value!r})", path)
+    return data
+
+
+def result_signature(measures: Mapping[str, Any]) -> dict[str, Optional[str]]:
+    """What must agree for two results to be comparable: method, model and quantification config."""
+    prov = measures.get("provenance") or {}
+    return {
+        "method": measures.get("method") or prov.get("method"),
+        "model_sha256": prov.get("model_sha256"),
+        "config_sha256": prov.get("config_sha256"),
+    }
+
+
+def result_mismatches(first: Mapping[str, Any], second: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The fields (method, model, config, subject) on which two results differ."""
+    a, b = result_signature(first), result_signature(second)
+    out = [{"field": key, "from": a[key], "to": b[key]} for key in a if a[key] != b[key]]
+    sa, sb = first.get("subject_id"), second.get("subject_id")
+    if sa and sb and sa != sb:
+        out.append({"field": "subject_id", "from": sa, "to": sb})
+    return out
+
+
+def _value(measures: Mapping[str, Any], lung: str, measure: str) -> Optional[float]:
+    value = ((measures.get("lungs") or {}).get(lung) or {}).get(measure)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return float(value)
+
+
+def _days_between(first: Mapping[str, Any], second: Mapping[str, Any]) -> Optional[int]:
+    """Days from the first study date to the second (DICOM YYYYMMDD), where both are known."""
+    try:
+        d1, d2 = ((m.get("provenance") or {}).get("study_date") for m in (first, second))
+        parse = lambda s: date(int(s[:4]), int(s[4:6]), int(s[6:8]))  # noqa: E731
+        return (parse(str(d2)) - parse(str(d1))).days
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure arithmetic
+
+
+def change(baseline: Optional[float], follow_up: Optional[float]) -> dict[str, Optional[float]]:
+    """Absolute and relative change from ``baseline`` to ``follow_up``.
+
+    ``rel_change_pct`` is ``100 * (follow_up - baseline) / baseline``; it is None when the baseline is
+    not positive (no relative change of nothing; nor of HU, which are not a ratio scale).
+    """
+    if baseline is None or follow_up is None:
+        return {"baseline": baseline, "follow_up": follow_up, "abs_change": None, "rel_change_pct": None}
+    diff = follow_up - baseline
+    rel = 100.0 * diff / baseline if baseline > 0 else None
+    return {"baseline": baseline, "follow_up": follow_up, "abs_change": diff, "rel_change_pct": rel}
+
+
+def is_bilateral(measures: Mapping[str, Any], measure: str, min_pct: float) -> bool:
+    """Whether the finding of ``measure`` occupies at least ``min_pct`` % of EACH lung (and > 0)."""
+    pct_measure = ENDPOINT_MEASURES.get(measure, measure)
+    for lung in ("right", "left"):
+        value = _value(measures, lung, pct_measure)
+        if value is None or value <= 0 or value < min_pct - _EPS:
+            return False
+    return True
+
+
+def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) two-sided ``1 - alpha`` confidence interval of the proportion k/n."""
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n and n > 0, got k={k}, n={n}")
+    from statsmodels.stats.proportion import proportion_confint
+
+    lo, hi = proportion_confint(k, n, alpha=alpha, method="beta")
+    lo = 0.0 if k == 0 or not math.isfinite(lo) else float(lo)
+    hi = 1.0 if k == n or not math.isfinite(hi) else float(hi)
+    return lo, hi
+
+
+def _num(x: float, decimals: int = 2, sign: bool = False) -> str:
+    """A number for a sentence: few decimals, no trailing zeros, a real minus sign."""
+    text = f"{abs(x):.{decimals}f}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    if text != "0" and x < 0:
+        return "−" + text
+    if text != "0" and x > 0 and sign:
+        return "+" + text
+    return text
+
+
+def _threshold_texts(endpoint: Endpoint) -> tuple[str, str]:
+    a = endpoint.min_absolute_decrease
+    unit = "ml" if endpoint.unit == "ml" else ("point" if a == 1 else "points")
+    return f"{_num(a)} {unit}", f"{_num(endpoint.min_relative_decrease_pct, 1)} %"
+
+
+def _rule(endpoint: Endpoint, ch: Mapping[str, Optional[float]], where: str) -> tuple[bool, str]:
+    """Apply the reduction rule to one change; (met, sentence saying why)."""
+    b, f, d, r = ch["baseline"], ch["follow_up"], ch["abs_change"], ch["rel_change_pct"]
+    unit = "point" if endpoint.unit == "points" and _num(abs(d)) == "1" else endpoint.unit
+    head = f"{MEASURE_LABELS[endpoint.measure]}{where} {_num(b)} → {_num(f)}: {_num(d, sign=True)} {unit}"
+    if r is not None:
+        head += f" ({_num(r, 1, sign=True)} %)"
+    abs_text, rel_text = _threshold_texts(endpoint)
+    decrease = -d
+    if decrease <= 0:
+        return False, f"{head}: no decrease: no reduction"
+    abs_ok = decrease >= endpoint.min_absolute_decrease - _EPS
+    rel_ok = r is not None and -r >= endpoint.min_relative_decrease_pct - _EPS
+    if abs_ok and rel_ok:
+        return True, f"{head} ≥ {abs_text} and ≥ {rel_text}: reduction"
+    fails = []
+    if not abs_ok:
+        fails.append(f"< {abs_text}")
+    if not rel_ok:
+        fails.append(f"< {rel_text}" if r is not None else "relative change undefined (baseline 0)")
+    return False, f"{head}: decrease {' and '.join(fails)}: no reduction"
+
+
+@dataclass
+class Verdict:
+    """The outcome of one endpoint for one participant.
+
+    ``reduction`` is None when the participant is not evaluable; ``reason`` says why, in words, with
+    the numbers and the rule that decided. ``changes`` holds :func:`change` of the endpoint measure
+    per lung (right, left, both) where both time points are known.
+    """
+
+    endpoint: str
+    evaluable: bool
+    reduction: Optional[bool]
+    reason: str
+    bilateral_at_baseline: Optional[bool] = None
+    changes: dict[str, dict[str, Optional[float]]] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """"reduction", "no reduction" or "not evaluable"."""
+        if not self.evaluable:
+            return "not evaluable"
+        return "reduction" if self.reduction else "no reduction"
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["verdict"] = self.label
+        return out
+
+
+def reduction_verdict(
+    endpoint: Endpoint,
+    baseline_measures: Optional[Mapping[str, Any]],
+    followup_measures: Optional[Mapping[str, Any]],
+) -> Verdict:
+    """Judge one participant: in scope at ``endpoint.from_tp``? and did the measure go down enough?
+
+    ``baseline_measures`` / ``followup_measures`` are ``measures.json`` mappings of the endpoint's
+    ``from`` and ``to`` time points; None means that time point has no result (not evaluable).
+    """
+    missing = [f"no {tp} result" for tp, m in ((endpoint.from_tp, baseline_measures),
+                                               (endpoint.to_tp, followup_measures)) if m is None]
+    changes = {}
+    if baseline_measures is not None and followup_measures is not None:
+        changes = {lung: change(_value(baseline_measures, lung, endpoint.measure),
+                                _value(followup_measures, lung, endpoint.measure)) for lung in LUNGS}
+    if missing:
+        return Verdict(endpoint.name, False, None, "; ".join(missing))
+    bilateral = is_bilateral(baseline_measures, endpoint.measure, endpoint.bilateral_min_pct_of_lung)
+    if endpoint.scope == "bilateral" and not bilateral:
+        pct = ENDPOINT_MEASURES[endpoint.measure]
+        r, l = (_value(baseline_measures, lung, pct) for lung in ("right", "left"))
+        reason = (f"not bilateral at {endpoint.from_tp}: {MEASURE_LABELS[pct]} right {_num(r)}, "
+                  f"left {_num(l)}; each lung needs ≥ {_num(endpoint.bilateral_min_pct_of_lung)} %")
+        if baseline_measures.get("flags"):
+            reason += f" (scan flags: {'; '.join(map(str, baseline_measures['flags']))})"
+        return Verdict(endpoint.name, False, None, reason, False, changes)
+    if endpoint.evaluate == "both":
+        met, reason = _rule(endpoint, changes["both"], " (both lungs)")
+    else:
+        results = [_rule(endpoint, changes[lung], f" ({lung} lung)") for lung in ("right", "left")]
+        met = all(ok for ok, _ in results)
+        failed = [lung for (ok, _), lung in zip(results, ("right", "left")) if not ok]
+        overall = ("reduction in each lung" if met
+                   else f"no reduction (required in each lung; not met in the {' and '.join(failed)} lung)")
+        reason = "; ".join(text for _, text in results) + f" ⇒ {overall}"
+    return Verdict(endpoint.name, True, met, reason, bilateral, changes)
+
+
+def cohort_summary(per_subject_table: Any, endpoint: Endpoint) -> dict[str, Any]:
+    """Response rate of one endpoint over a per-subject table, with its exact 95 % interval.
+
+    ``per_subject_table`` is a DataFrame or a list of mappings with columns ``subject_id``,
+    ``endpoint``, ``evaluable``, ``reduction`` and ``reason`` (as in ``subjects.csv``); the rows of
+    other endpoints are ignored. The percentage is of the evaluable participants.
+    """
+    rows = per_subject_table.to_dict("records") if hasattr(per_subject_table, "to_dict") else list(per_subject_table)
+    rows = [r for r in rows if r.get("endpoint", endpoint.name) == endpoint.name]
+    evaluable = [r for r in rows if _truthy(r["evaluable"])]
+    k = sum(1 for r in evaluable if _truthy(r["reduction"]))
+    n = len(evaluable)
+    lo, hi = clopper_pearson(k, n) if n else (None, None)
+    return {
+        "endpoint": endpoint.name,
+        "description": endpoint.description,
+        "measure": endpoint.measure,
+        "from": endpoint.from_tp,
+        "to": endpoint.to_tp,
+        "scope": endpoint.scope,
+        "evaluate": endpoint.evaluate,
+        "min_relative_decrease_pct": endpoint.min_relative_decrease_pct,
+        "min_absolute_decrease": endpoint.min_absolute_decrease,
+        "n_subjects": len(rows),
+        "n_evaluable": n,
+        "n_reduction": k,
+        "proportion": k / n if n else None,
+        "ci95": [lo, hi],
+        "pct_reduction": round(100 * k / n, 2) if n else None,
+        "ci95_low_pct": round(100 * lo, 2) if n else None,
+        "ci95_high_pct": round(100 * hi, 2) if n else None,
+        "ci_method": "Clopper-Pearson exact (beta), two-sided 95 %",
+        "not_evaluable": [{"subject_id": r["subject_id"], "reason": r["reason"]}
+                          for r in rows if not _truthy(r["evaluable"])],
+    }
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes")
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    return bool(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Output staging
+
+
+class _StagedOutputs:
+    """Write files beside their final names, then rename them all into place at :meth:`commit`.
+
+    Used as a context manager: on an exception every temporary file is removed and nothing of this
+    run is left in the output folder.
+    """
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create output folder: {exc.strerror or exc}", self.out_dir) from None
+        self._staged: dict[Path, Path] = {}
+
+    def path(self, name: str) -> Path:
+        final = self.out_dir / name
+        tmp = self.out_dir / f".{name}.{os.getpid()}.tmp"
+        self._staged[final] = tmp
+        return tmp
+
+    def write_text(self, name: str, text: str) -> None:
+        tmp = self.path(name)
+        try:
+            tmp.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise OutputError(f"cannot write: {exc.strerror or exc}", tmp) from None
+
+    def write_json(self, name: str, obj: Any) -> None:
+        self.write_text(name, json.dumps(_jsonable(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+    def write_csv(self, name: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_cell(row.get(k)) for k in columns})
+        self.write_text(name, buf.getvalue())
+
+    def commit(self) -> list[Path]:
+        for final, tmp in self._staged.items():
+            try:
+                os.replace(tmp, final)
+            except OSError as exc:
+                raise OutputError(f"cannot write: {exc.strerror or exc}", final) from None
+        done = list(self._staged)
+        self._staged.clear()
+        return done
+
+    def discard(self) -> None:
+        for tmp in self._staged.values():
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+        self._staged.clear()
+
+    def __enter__(self) -> "_StagedOutputs":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return _jsonable(obj.item())
+    return obj
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, (list, tuple)):
+        return "; ".join(str(v) for v in value)
+    return value
+
+
+def _round(value: Optional[float], digits: int = 4) -> Optional[float]:
+    return None if value is None else round(value, digits)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _safe_name(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._") or "x"
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots (matplotlib, Agg canvas; no pyplot global state)
+
+_COLOURS = {"reduction": "#1b9e77", "no reduction": "#d95f02", "not evaluable": "#9e9e9e"}
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_trajectories(rows: Sequence[Mapping[str, Any]], endpoint: Endpoint, path: Path) -> None:
+    """Per-participant lines of the endpoint measure (both lungs) from ``from`` to ``to``."""
+    from matplotlib.lines import Line2D
+
+    fig = _new_figure(6.4, 4.8)
+    ax = fig.add_subplot()
+    labels = []
+    for row in rows:
+        b, f = row.get("both_from"), row.get("both_to")
+        if b is None or f is None:
+            continue
+        verdict = row["verdict"]
+        style = dict(color=_COLOURS[verdict], marker="o", lw=1.8, alpha=0.9)
+        if verdict == "not evaluable":
+            style.update(ls=":", lw=1.2, alpha=0.7)
+        ax.plot([0, 1], [b, f], **style)
+        labels.append((f, str(row["subject_id"]), style["color"]))
+    if labels:  # subject labels at the right end, nudged apart so that they do not overlap
+        top = max(max(r.get("both_from") or 0, r.get("both_to") or 0) for r in rows) or 1.0
+        gap, last = 0.035 * top, -math.inf
+        for f, text, colour in sorted(labels):
+            y = max(f, last + gap)
+            ax.annotate(text, (1, f), xytext=(1.05, y), textcoords="data", va="center", fontsize=8,
+                        color=colour, arrowprops=dict(arrowstyle="-", color=colour, lw=0.5, alpha=0.5))
+            last = y
+    else:
+        ax.text(0.5, 0.5, "no participant with both time points", ha="center", va="center",
+                transform=ax.transAxes, color="0.4")
+    ax.set_xticks([0, 1], [endpoint.from_tp, endpoint.to_tp])
+    ax.set_xlim(-0.15, 1.35)
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel(f"{MEASURE_LABELS[endpoint.measure]} (both lungs)")
+    ev = [r for r in rows if r["evaluable"]]
+    k = sum(1 for r in ev if r["reduction"])
+    ax.set_title(f"{endpoint.name}: {k}/{len(ev)} evaluable with reduction", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(handles=[Line2D([], [], color=c, marker="o", ls=":" if v == "not evaluable" else "-", label=v)
+                       for v, c in _COLOURS.items()], fontsize=8, loc="upper right")
+    fig.savefig(path, format="png")
+
+
+def plot_waterfall(rows: Sequence[Mapping[str, Any]], endpoint: Endpoint, path: Path) -> None:
+    """Sorted bars of each evaluable participant's change (relative and absolute), thresholds marked."""
+    ev = [r for r in rows if r["evaluable"]]
+    ev.sort(key=lambda r: (r.get("both_rel_change_pct") is None, -(r.get("both_rel_change_pct") or 0.0)))
+    fig = _new_figure(max(6.4, 1.6 + 0.5 * len(ev)), 6.0)
+    axes = fig.subplots(2, 1, sharex=True)
+    x = list(range(len(ev)))
+    colours = [_COLOURS[r["verdict"]] for r in ev]
+    abs_text, rel_text = _threshold_texts(endpoint)
+    panels = (
+        ("both_rel_change_pct", "relative change (%)", -endpoint.min_relative_decrease_pct, f"−{rel_text}"),
+        ("both_abs_change", f"absolute change ({endpoint.unit})", -endpoint.min_absolute_decrease, f"−{abs_text}"),
+    )
+    for ax, (key, ylabel, threshold, text) in zip(axes, panels):
+        values = [r.get(key) if r.get(key) is not None else math.nan for r in ev]
+        ax.bar(x, values, color=colours, edgecolor="0.2", linewidth=0.5)
+        ax.axhline(0, color="0.2", lw=0.8)
+        ax.axhline(threshold, color="#7570b3", ls="--", lw=1.2, label=f"reduction threshold ({text})")
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right")
+    if not ev:
+        axes[0].text(0.5, 0.5, "no evaluable participant", ha="center", va="center",
+                     transform=axes[0].transAxes, color="0.4")
+    axes[1].set_xticks(x, [str(r["subject_id"]) for r in ev], rotation=45, ha="right", fontsize=8)
+    rule = "both lungs" if endpoint.evaluate == "both" else "both lungs shown; rule applied in each lung"
+    k = sum(1 for r in ev if r["reduction"])
+    axes[0].set_title(f"{endpoint.name}: {MEASURE_LABELS[endpoint.measure]}, {endpoint.from_tp} → "
+                      f"{endpoint.to_tp} ({rule}); {k}/{len(ev)} with reduction", fontsize=9)
+    fig.savefig(path, format="png")
+
+
+# --------------------------------------------------------------------------------------------------
+# Running quantification where needed
+
+
+def _quantify(input_path: str | Path, out_dir: Path, **kwargs: Any) -> dict[str, Any]:
+    """``ctquant.pipeline.quantify_to_dir``, imported only when a scan must actually be quantified."""
+    pipeline = importlib.import_module("ctquant.pipeline")
+    return pipeline.quantify_to_dir(input_path, out_dir, **kwargs)
+
+
+def _is_result(path: Path) -> bool:
+    return (path.is_file() and path.suffix.lower() == ".json") or (path.is_dir() and (path / "measures.json").is_file())
+
+
+# --------------------------------------------------------------------------------------------------
+# ctquant compare
+
+
+def comparison_rows(first: Mapping[str, Any], second: Mapping[str, Any], from_tp: str, to_tp: str) -> list[dict[str, Any]]:
+    """Every measure of every lung at both time points with its absolute and relative change."""
+    rows = []
+    for measure in MEASURES:
+        for lung in LUNGS:
+            ch = change(_value(first, lung, measure), _value(second, lung, measure))
+            rows.append({
+                "measure": measure, "lung": lung,
+                "from_timepoint": from_tp, "from_value": ch["baseline"],
+                "to_timepoint": to_tp, "to_value": ch["follow_up"],
+                "abs_change": _round(ch["abs_change"]),
+                "rel_change_pct": _round(ch["rel_change_pct"], 2),
+            })
+    return rows
+
+
+def run_compare(
+    first: str | Path,
+    second: str | Path,
+    out_dir: str | Path,
+    *,
+    config_path: str | Path | None = None,
+    allow_mismatch: bool = False,
+    from_tp: Optional[str] = None,
+    to_tp: Optional[str] = None,
+    method: str = "model",
+    device: str = "auto",
+    subject_id: Optional[str] = None,
+    quantify_config: str | Path | None = None,
+) -> dict[str, Any]:
+    """Compare two results (or quantify two scans first) and judge every matching endpoint.
+
+    ``first``/``second`` are ``quantify`` output folders, ``measures.json`` files, or scans (DICOM
+    folder, NIfTI file), which are quantified into ``out_dir/<time point>`` with the same method.
+    Time points are ``from_tp``/``to_tp`` when given, else the results' own, else baseline / day14.
+    Results made with different method, model or config (or of different subjects) raise
+    :class:`IncompatibleResults` unless ``allow_mismatch``; then the mismatch is recorded.
+    Writes ``comparison.csv``, ``verdicts.csv`` and ``comparison.json``; returns the JSON content.
+    """
+    config = load_endpoints(config_path)
+    out_dir = Path(out_dir)
+    inputs = {"from": Path(first), "to": Path(second)}
+    results: dict[str, dict[str, Any]] = {}
+    paths: dict[str, str] = {}
+    for role in ("from", "to"):
+        if _is_result(inputs[role]):
+            results[role] = load_measures(inputs[role])
+            p = inputs[role]
+            paths[role] = str(p / "measures.json" if p.is_dir() else p)
+    labels = {
+        "from": from_tp or (results.get("from") or {}).get("timepoint") or "baseline",
+        "to": to_tp or (results.get("to") or {}).get("timepoint") or "day14",
+    }
+    if labels["from"] == labels["to"]:
+        raise InputError(f"both results are labelled time point '{labels['from']}'; give --from and --to", inputs["to"])
+    for role in ("from", "to"):
+        given = (results.get(role) or {}).get("timepoint")
+        if given and given != labels[role]:
+            log.warning("%s is labelled '%s' but compared as '%s'", inputs[role], given, labels[role])
+        if role not in results:
+            if not inputs[role].exists():
+                raise InputError("no such file or folder", inputs[role])
+            target = out_dir / _safe_name(labels[role])
+            sid = subject_id or (results.get("from") or results.get("to") or {}).get("subject_id")
+            _quantify(inputs[role], target, method=method, device=device, subject_id=sid,
+                      timepoint=labels[role], config_path=quantify_config)
+            results[role] = load_measures(target)
+            paths[role] = str(target / "measures.json")
+    first_m, second_m = results["from"], results["to"]
+    mismatch = result_mismatches(first_m, second_m)
+    if mismatch and not allow_mismatch:
+        what = "; ".join(f"{m['field']} {m['from']} vs {m['to']}" for m in mismatch)
+        raise IncompatibleResults(f"results differ in {what} (use --allow-mismatch to compare anyway)", paths["to"])
+    for m in mismatch:
+        log.warning("comparing results that differ in %s: %s vs %s", m["field"], m["from"], m["to"])
+
+    endpoints = config.for_timepoints(labels["from"], labels["to"])
+    if not endpoints:
+        log.warning("no endpoint in %s compares %s → %s; writing the table only", config.path, labels["from"], labels["to"])
+    verdicts = [reduction_verdict(ep, first_m, second_m) for ep in endpoints]
+    days = _days_between(first_m, second_m)
+    notes = []
+    if days is not None and days < 0:
+        notes.append(f"the {labels['to']} scan predates the {labels['from']} scan by {-days} days")
+    if mismatch:
+        notes.append("results made differently: " + "; ".join(f"{m['field']} {m['from']} vs {m['to']}" for m in mismatch))
+    rows = comparison_rows(first_m, second_m, labels["from"], labels["to"])
+    subject = subject_id or first_m.get("subject_id") or second_m.get("subject_id")
+    verdict_rows = []
+    for ep, v in zip(endpoints, verdicts):
+        both = v.changes.get("both", {})
+        verdict_rows.append({
+            "subject_id": subject, "endpoint": ep.name, "measure": ep.measure,
+            "from_timepoint": ep.from_tp, "to_timepoint": ep.to_tp,
+            "from_value": both.get("baseline"), "to_value": both.get("follow_up"),
+            "abs_change": _round(both.get("abs_change")), "rel_change_pct": _round(both.get("rel_change_pct"), 2),
+            "evaluable": v.evaluable, "reduction": v.reduction, "verdict": v.label, "reason": v.reason,
+            "mismatch": "; ".join(f"{m['field']}" for m in mismatch),
+        })
+    doc = {
+        "schema": COMPARISON_SCHEMA,
+        "subject_id": subject,
+        "from_timepoint": labels["from"],
+        "to_timepoint": labels["to"],
+        "days_between": days,
+        "measures": rows,
+        "endpoints": [{**v.as_dict(), "definition": ep.as_dict()} for ep, v in zip(endpoints, verdicts)],
+        "mismatch": mismatch,
+        "notes": notes,
+        "provenance": {
+            "ctquant_version": __version__,
+            "endpoints_config": config.path,
+            "endpoints_config_sha256": config.sha256,
+            "inputs": {labels["from"]: str(inputs["from"]), labels["to"]: str(inputs["to"])},
+            "results": {
+                labels[role]: {"measures": paths[role], **result_signature(results[role]),
+                               "series_instance_uid": (results[role].get("provenance") or {}).get("series_instance_uid"),
+                               "study_date": (results[role].get("provenance") or {}).get("study_date")}
+                for role in ("from", "to")
+            },
+            "allow_mismatch": allow_mismatch,
+            "created_utc": _now(),
+        },
+    }
+    with _StagedOutputs(out_dir) as out:
+        out.write_csv("comparison.csv", rows, list(rows[0]))
+        out.write_csv("verdicts.csv", verdict_rows,
+                      ["subject_id", "endpoint", "measure", "from_timepoint", "to_timepoint", "from_value",
+                       "to_value", "abs_change", "rel_change_pct", "evaluable", "reduction", "verdict",
+                       "reason", "mismatch"])
+        out.write_json("comparison.json", doc)
+    return doc
+
+
+# --------------------------------------------------------------------------------------------------
+# ctquant endpoints (cohort)
+
+
+@dataclass
+class ScanResult:
+    """One manifest row's result: ``measures`` when available, else ``error`` says why not."""
+
+    subject_id: str
+    timepoint: str
+    input: str
+    status: str  # "reused", "quantified" or "failed"
+    measures: Optional[dict[str, Any]] = None
+    path: Optional[str] = None
+    error: Optional[str] = None
+
+
+def read_manifest(path: str | Path) -> tuple[list[dict[str, str]], list[str]]:
+    """Rows of a manifest CSV (``subject_id, timepoint, input`` + extra columns) and the extra columns.
+
+    Relative inputs are resolved against the manifest's folder. Problems are :class:`InputError`.
+    """
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            fieldnames = [f.strip() for f in (reader.fieldnames or [])]
+            raw_rows = list(reader)
+    except FileNotFoundError:
+        raise InputError("manifest not found", path) from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"cannot read manifest: {exc}", path) from None
+    missing = [c for c in ("subject_id", "timepoint", "input") if c not in fieldnames]
+    if missing:
+        raise InputError(f"manifest lacks column(s) {', '.join(missing)} "
+                         "(needs subject_id, timepoint, input)", path)
+    extras = [c for c in fieldnames if c not in ("subject_id", "timepoint", "input") and c]
+    rows, seen = [], set()
+    for line, raw in enumerate(raw_rows, start=2):
+        row = {(k or "").strip(): (v or "").strip() if isinstance(v, str) else "" for k, v in raw.items()}
+        if not any(row.values()):
+            continue
+        sid, tp = row["subject_id"], row["timepoint"]
+        for what, value in (("subject_id", sid), ("timepoint", tp)):
+            if not value:
+                raise InputError(f"line {line}: empty {what}", path)
+            if value in (".", "..") or "/" in value or "\\" in value:
+                raise InputError(f"line {line}: {what} {value!r} may not be a path", path)
+        if (sid, tp) in seen:
+            raise InputError(f"line {line}: {sid} has two rows for time point {tp}", path)
+        seen.add((sid, tp))
+        if row["input"] and not Path(row["input"]).is_absolute():
+            row["input"] = str(path.parent / row["input"])
+        rows.append(row)
+    if not rows:
+        raise InputError("manifest has no rows", path)
+    return rows, extras
+
+
+def _reusable(path: Path, subject_id: str, timepoint: str, method: Optional[str]) -> Optional[dict[str, Any]]:
+    """The result at ``path`` if it is complete and is this subject's time point (and method)."""
+    if not path.is_file():
+        return None
+    try:
+        measures = load_measures(path)
+    except InputError as exc:
+        log.warning("not reusing %s: %s", path, exc.reason)
+        return None
+    for key, want in (("subject_id", subject_id), ("timepoint", timepoint)):
+        if measures.get(key) not in (None, want, _safe_name(want)):
+            log.warning("not reusing %s: its %s is %s, not %s", path, key, measures.get(key), want)
+            return None
+    if method and result_signature(measures)["method"] != method:
+        log.info("not reusing %s: made with method %s, not %s", path, result_signature(measures)["method"], method)
+        return None
+    return measures
+
+
+def _results_for_manifest(
+    rows: Sequence[Mapping[str, str]],
+    out_dir: Path,
+    *,
+    timepoints: Iterable[str],
+    results_dir: Optional[Path] = None,
+    method: Optional[str] = None,
+    device: str = "auto",
+    quantify_config: str | Path | None = None,
+) -> dict[tuple[str, str], ScanResult]:
+    """The per-scan result of every manifest row whose time point is in ``timepoints``.
+
+    Reuses a complete ``<results_dir>/<subject>/<timepoint>/measures.json`` or
+    ``<out_dir>/scans/<subject>/<timepoint>/measures.json``; otherwise quantifies the row's input
+    into the latter. A scan that fails is recorded (``status="failed"``, ``error``), not raised.
+    This is the one place to swap for the ``ctquant batch`` runner.
+    """
+    wanted = set(timepoints)
+    out: dict[tuple[str, str], ScanResult] = {}
+    for row in rows:
+        sid, tp, src = row["subject_id"], row["timepoint"], row["input"]
+        if tp not in wanted:
+            continue
+        target = out_dir / "scans" / _safe_name(sid) / _safe_name(tp)
+        candidates = ([results_dir / _safe_name(sid) / _safe_name(tp) / "measures.json"] if results_dir else [])
+        candidates.append(target / "measures.json")
+        for candidate in candidates:
+            measures = _reusable(candidate, sid, tp, method)
+            if measures is not None:
+                out[(sid, tp)] = ScanResult(sid, tp, src, "reused", measures, str(candidate))
+                break
+        else:
+            if not src:
+                out[(sid, tp)] = ScanResult(sid, tp, src, "failed", error="no input in the manifest")
+                continue
+            try:
+                _quantify(src, target, method=method or "model", device=device, subject_id=sid,
+                          timepoint=tp, config_path=quantify_config)
+                measures = load_measures(target / "measures.json")
+                out[(sid, tp)] = ScanResult(sid, tp, src, "quantified", measures, str(target / "measures.json"))
+            except (ImportError, KeyboardInterrupt):
+                raise
+            except CtquantError as exc:
+                out[(sid, tp)] = ScanResult(sid, tp, src, "failed", error=str(exc))
+            except Exception as exc:  # a bug in one scan must not lose the cohort; recorded as such
+                log.debug("quantifying %s failed", src, exc_info=True)
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                out[(sid, tp)] = ScanResult(sid, tp, src, "failed",
+                                            error=f"internal error ({type(exc).__name__}: {first})")
+    return out
+
+
+def _cohort_mismatch(results: Mapping[tuple[str, str], ScanResult]) -> list[dict[str, Any]]:
+    """Groups of results made with different method / model / quantification config."""
+    groups: dict[tuple, list[str]] = {}
+    for (sid, tp), r in results.items():
+        if r.measures is not None:
+            sig = result_signature(r.measures)
+            groups.setdefault(tuple(sig.items()), []).append(f"{sid}/{tp}")
+    if len(groups) <= 1:
+        return []
+    return [{**dict(sig), "results": scans} for sig, scans in groups.items()]
+
+
+def _extra_values(rows: Sequence[Mapping[str, str]], extras: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Per subject, each extra manifest column: its value, or ``tp=value; ...`` where it varies."""
+    out: dict[str, dict[str, str]] = {}
+    for col in extras:
+        per_subject: dict[str, list[tuple[str, str]]] = {}
+        for row in rows:
+            if row.get(col):
+                per_subject.setdefault(row["subject_id"], []).append((row["timepoint"], row[col]))
+        for sid, values in per_subject.items():
+            distinct = {v for _, v in values}
+            text = values[0][1] if len(distinct) == 1 else "; ".join(f"{tp}={v}" for tp, v in values)
+            out.setdefault(sid, {})[col] = text
+    return out
+
+
+def subject_row(endpoint: Endpoint, subject_id: str,
+                results: Mapping[tuple[str, str], ScanResult]) -> dict[str, Any]:
+    """One ``subjects.csv`` row: the participant's values, changes, verdict and reason for an endpoint."""
+    first, second = results.get((subject_id, endpoint.from_tp)), results.get((subject_id, endpoint.to_tp))
+    problems = []
+    for tp, r in ((endpoint.from_tp, first), (endpoint.to_tp, second)):
+        if r is None:
+            problems.append(f"no {tp} scan in the manifest")
+        elif r.measures is None:
+            problems.append(f"{tp} scan failed: {r.error}")
+    fm = first.measures if first else None
+    sm = second.measures if second else None
+    if problems:
+        verdict = Verdict(endpoint.name, False, None, "; ".join(problems))
+    else:
+        verdict = reduction_verdict(endpoint, fm, sm)
+    row: dict[str, Any] = {
+        "subject_id": subject_id, "endpoint": endpoint.name, "measure": endpoint.measure,
+        "from_timepoint": endpoint.from_tp, "to_timepoint": endpoint.to_tp,
+        "evaluable": verdict.evaluable, "reduction": verdict.reduction, "verdict": verdict.label,
+        "reason": verdict.reason,
+        "bilateral_at_baseline": (is_bilateral(fm, endpoint.measure, endpoint.bilateral_min_pct_of_lung)
+                                  if fm is not None else None),
+    }
+    for lung in LUNGS:
+        ch = change(_value(fm, lung, endpoint.measure) if fm else None,
+                    _value(sm, lung, endpoint.measure) if sm else None)
+        row[f"{lung}_from"] = ch["baseline"]
+        row[f"{lung}_to"] = ch["follow_up"]
+        row[f"{lung}_abs_change"] = _round(ch["abs_change"])
+        row[f"{lung}_rel_change_pct"] = _round(ch["rel_change_pct"], 2)
+    row["days_between"] = _days_between(fm, sm) if fm and sm else None
+    row["mismatch"] = "; ".join(m["field"] for m in result_mismatches(fm, sm)) if fm and sm else ""
+    row["from_flags"] = "; ".join(map(str, fm.get("flags") or [])) if fm else ""
+    row["to_flags"] = "; ".join(map(str, sm.get("flags") or [])) if sm else ""
+    row["from_result"] = first.path if first else None
+    row["to_result"] = second.path if second else None
+    return row
+
+
+SUBJECT_COLUMNS = (
+    ["subject_id", "endpoint", "measure", "from_timepoint", "to_timepoint", "evaluable", "reduction",
+     "verdict", "reason", "bilateral_at_baseline"]
+    + [f"{lung}_{k}" for lung in LUNGS for k in ("from", "to", "abs_change", "rel_change_pct")]
+    + ["days_between", "mismatch", "from_flags", "to_flags", "from_result", "to_result"]
+)
+COHORT_COLUMNS = [
+    "endpoint", "measure", "from", "to", "scope", "evaluate", "min_relative_decrease_pct",
+    "min_absolute_decrease", "n_subjects", "n_evaluable", "n_reduction", "pct_reduction",
+    "ci95_low_pct", "ci95_high_pct", "not_evaluable", "description", "endpoints_config_sha256",
+    "ctquant_version",
+]
+
+
+def run_endpoints(
+    manifest: str | Path,
+    out_dir: str | Path,
+    *,
+    config_path: str | Path | None = None,
+    results_dir: str | Path | None = None,
+    allow_mismatch: bool = False,
+    method: Optional[str] = None,
+    device: str = "auto",
+    quantify_config: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate every endpoint over a manifest's cohort; write the tables and plots into ``out_dir``.
+
+    Writes ``endpoints.csv``/``endpoints.json`` (one row per endpoint: n evaluable, n with reduction,
+    % with exact 95 % CI, who is not evaluable and why), ``subjects.csv`` (one row per participant
+    and endpoint) and per endpoint ``trajectory_<name>.png`` and ``waterfall_<name>.png``; and
+    ``failures.csv`` when a scan failed. Results of different method/model/config in the cohort raise
+    :class:`IncompatibleResults` unless ``allow_mismatch``. Returns the ``endpoints.json`` content
+    (its ``failures`` list is non-empty when scans failed).
+    """
+    config = load_endpoints(config_path)
+    manifest = Path(manifest)
+    out_dir = Path(out_dir)
+    rows, extras = read_manifest(manifest)
+    timepoints = sorted({tp for ep in config.endpoints for tp in (ep.from_tp, ep.to_tp)})
+    unused = sorted({r["timepoint"] for r in rows} - set(timepoints))
+    if unused:
+        log.info("manifest time points not used by any endpoint (not quantified): %s", ", ".join(unused))
+    results = _results_for_manifest(rows, out_dir, timepoints=timepoints,
+                                    results_dir=Path(results_dir) if results_dir else None,
+                                    method=method, device=device, quantify_config=quantify_config)
+    mismatch = _cohort_mismatch(results)
+    if mismatch and not allow_mismatch:
+        what = "; ".join(
+            f"method={m['method']} model={str(m['model_sha256'])[:12]} config={str(m['config_sha256'])[:12]}: "
+            f"{', '.join(m['results'][:4])}{' …' if len(m['results']) > 4 else ''}" for m in mismatch)
+        raise IncompatibleResults(f"the cohort's results were made differently ({what}); "
+                                  "use --allow-mismatch to evaluate anyway", manifest)
+
+    subjects = list(dict.fromkeys(r["subject_id"] for r in rows))
+    extra_values = _extra_values(rows, extras)
+    extra_cols = [c if c not in SUBJECT_COLUMNS else f"manifest_{c}" for c in extras]
+    subject_rows, summaries, per_endpoint = [], [], {}
+    for ep in config.endpoints:
+        ep_rows = []
+        for sid in subjects:
+            row = subject_row(ep, sid, results)
+            for col, out_col in zip(extras, extra_cols):
+                row[out_col] = extra_values.get(sid, {}).get(col, "")
+            ep_rows.append(row)
+        per_endpoint[ep.name] = ep_rows
+        subject_rows.extend(ep_rows)
+        summaries.append(cohort_summary(ep_rows, ep))
+    failures = [{"subject_id": r.subject_id, "timepoint": r.timepoint, "input": r.input, "error": r.error}
+                for r in results.values() if r.status == "failed"]
+    doc = {
+        "schema": COHORT_SCHEMA,
+        "endpoints": summaries,
+        "failures": failures,
+        "mismatch": mismatch,
+        "provenance": {
+            "ctquant_version": __version__,
+            "endpoints_config": config.path,
+            "endpoints_config_sha256": config.sha256,
+            "endpoint_definitions": [ep.as_dict() for ep in config.endpoints],
+            "manifest": str(manifest),
+            "manifest_sha256": file_sha256(manifest),
+            "results_dir": str(results_dir) if results_dir else None,
+            "allow_mismatch": allow_mismatch,
+            "scans": [{"subject_id": r.subject_id, "timepoint": r.timepoint, "input": r.input,
+                       "status": r.status, "measures": r.path, "error": r.error,
+                       **(result_signature(r.measures) if r.measures else {})}
+                      for r in results.values()],
+            "created_utc": _now(),
+        },
+    }
+    cohort_rows = [{**s, "not_evaluable": [f"{x['subject_id']}: {x['reason']}" for x in s["not_evaluable"]],
+                    "from": s["from"], "to": s["to"], "endpoints_config_sha256": config.sha256,
+                    "ctquant_version": __version__} for s in summaries]
+    with _StagedOutputs(out_dir) as out:
+        out.write_csv("endpoints.csv", cohort_rows, COHORT_COLUMNS)
+        out.write_json("endpoints.json", doc)
+        out.write_csv("subjects.csv", subject_rows, SUBJECT_COLUMNS + extra_cols)
+        for ep in config.endpoints:
+            plot_trajectories(per_endpoint[ep.name], ep, out.path(f"trajectory_{ep.name}.png"))
+            plot_waterfall(per_endpoint[ep.name], ep, out.path(f"waterfall_{ep.name}.png"))
+        if failures:
+            out.write_csv("failures.csv", failures, ["subject_id", "timepoint", "input", "error"])
+    stale = out_dir / "failures.csv"
+    if not failures and stale.exists():  # from an earlier run whose failed scans now succeeded
+        stale.unlink()
+    return doc
+
+
+# --------------------------------------------------------------------------------------------------
+# Console tables (used by the CLI)
+
+
+def _cell(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return _num(value, digits, sign=False)
+    return str(value)
+
+
+def comparison_table(doc: Mapping[str, Any]):
+    """A short rich table of a :func:`run_compare` result: endpoint measures and verdicts."""
+    from rich.table import Table
+
+    measures = [e["definition"]["measure"] for e in doc["endpoints"]] or ["ggo_pct", "opacity_pct"]
+    table = Table(title=f"{doc.get('subject_id') or 'subject'}: {doc['from_timepoint']} → {doc['to_timepoint']}")
+    for col in ("measure", "lung", doc["from_timepoint"], doc["to_timepoint"], "change", "change %"):
+        table.add_column(col, justify="left" if col in ("measure", "lung") else "right")
+    for row in doc["measures"]:
+        if row["measure"] in dict.fromkeys(measures):
+            table.add_row(row["measure"], row["lung"], _cell(row["from_value"]), _cell(row["to_value"]),
+                          _cell(row["abs_change"]), _cell(row["rel_change_pct"], 1))
+    verdicts = Table(title="endpoints")
+    verdicts.add_column("endpoint")
+    verdicts.add_column("verdict")
+    verdicts.add_column("reason")
+    for e in doc["endpoints"]:
+        verdicts.add_row(e["endpoint"], e["verdict"], e["reason"])
+    return table, verdicts
+
+
+def cohort_table(doc: Mapping[str, Any]):
+    """A short rich table of a :func:`run_endpoints` result."""
+    from rich.table import Table
+
+    table = Table(title="endpoints (exact 95 % CI)")
+    for col in ("endpoint", "evaluable", "reduction", "% (95 % CI)", "not evaluable"):
+        table.add_column(col, justify="right" if col in ("evaluable", "reduction") else "left")
+    for s in doc["endpoints"]:
+        pct = ("–" if s["pct_reduction"] is None else
+               f"{s['pct_reduction']:.1f} ({s['ci95_low_pct']:.1f}–{s['ci95_high_pct']:.1f})")
+        ne = ", ".join(x["subject_id"] for x in s["not_evaluable"]) or "–"
+        table.add_row(s["endpoint"], f"{s['n_evaluable']}/{s['n_subjects']}", str(s["n_reduction"]), pct, ne)
+    return table

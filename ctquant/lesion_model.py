@@ -1,0 +1,291 @@
+"""The shipped MONAI lesion network: ground-glass opacity (1) and consolidation (2) on axial CT slices.
+
+One input normalisation is used everywhere (training, evaluation, product):
+
+- CT in Hounsfield units goes through :func:`hu_to_unit`, a fixed window ``DEFAULT_HU_WINDOW``
+  (-1050 to +250 HU) chosen so that HU slices look like the 8-bit display-window exports the
+  model was trained on (lung parenchyma at about -850 HU lands at 0.15, soft tissue at +40 HU at
+  0.84, the medians measured on the 50 labelled training slices; air is about 0.04);
+- 8-bit exports go through :func:`image8_to_unit` (grey level / 255).
+
+There is no per-image standardisation: display windows vary between exports, and the network is
+made robust to that by random window/contrast/gamma augmentation at training time (see
+``configs/lesion_model.yaml`` and ``models/README.md``). A content-dependent normalisation
+(percentiles, z-score, landmark peaks) would rescale a slice differently depending on how much of it
+is diseased, which blurs exactly the density difference between GGO and consolidation.
+
+Each slice (or lung crop) is resized to the model's square input, the class probabilities are
+resized back bilinearly and the label is their argmax (smoother, less blocky borders than
+nearest-neighbour upsampling of labels).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import MODEL_DIR, file_sha256
+from .errors import ModelError
+
+#: Class index → name of the network's outputs.
+CLASS_NAMES: tuple[str, ...] = ("background", "ggo", "consolidation")
+BACKGROUND, GGO, CONSOLIDATION = 0, 1, 2
+#: HU window mapped onto [0, 1] by :func:`hu_to_unit` (lower, upper), in HU.
+DEFAULT_HU_WINDOW: tuple[float, float] = (-1050.0, 250.0)
+#: Default location of the shipped weights.
+DEFAULT_MODEL_PATH: Path = MODEL_DIR / "lesion_model.pt"
+#: Tag stored in every checkpoint written by :func:`save_lesion_model`.
+CHECKPOINT_FORMAT = "ctquant-lesion-model"
+CHECKPOINT_VERSION = 1
+#: Extra in-plane margin around the lung bounding box, as a share of the box size on each side.
+#: The labelled training slices are cropped so tightly that the lungs span a median 99 % of the
+#: image width and height (margins 0-2 % per side), so the product crop keeps a 1 % margin.
+DEFAULT_CROP_MARGIN_FRACTION = 0.01
+
+#: MONAI network classes the checkpoint's ``architecture["name"]`` may name.
+_NETWORKS = ("UNet", "BasicUNet", "SegResNet", "AttentionUnet")
+
+
+def hu_to_unit(hu: np.ndarray, window_hu: tuple[float, float] = DEFAULT_HU_WINDOW) -> np.ndarray:
+    """Map Hounsfield units linearly onto [0, 1] through ``window_hu`` (clipped), as float32."""
+    low, high = float(window_hu[0]), float(window_hu[1])
+    if not high > low:
+        raise ValueError(f"HU window upper bound must exceed the lower one, got {window_hu}")
+    unit = (np.asarray(hu, dtype=np.float32) - np.float32(low)) / np.float32(high - low)
+    return np.clip(unit, 0.0, 1.0, out=unit)
+
+
+def image8_to_unit(image_uint8: np.ndarray) -> np.ndarray:
+    """Map an 8-bit grey image (0-255) onto [0, 1] as float32."""
+    image = np.asarray(image_uint8)
+    if image.ndim == 3:  # RGB(A) export of a grey image: keep the first channel
+        image = image[..., 0]
+    return image.astype(np.float32) / np.float32(255.0)
+
+
+def build_network(architecture: dict[str, Any]) -> torch.nn.Module:
+    """A ``monai.networks.nets`` 2D network from ``{"name": "UNet", "kwargs": {...}}``."""
+    import monai.networks.nets as nets
+
+    name = architecture.get("name")
+    if name not in _NETWORKS:
+        raise ValueError(f"unsupported network {name!r}; expected one of {_NETWORKS}")
+    kwargs = dict(architecture.get("kwargs", {}))
+    return getattr(nets, name)(**kwargs)
+
+
+def resolve_device(device: str = "cpu") -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; anything else is passed to :class:`torch.device`."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class LesionModel:
+    """A loaded lesion network with its provenance.
+
+    Attributes:
+        network: the MONAI network in eval mode, on ``device``.
+        path: the weight file it was loaded from.
+        sha256: SHA-256 of that file's bytes.
+        metadata: what the checkpoint records (classes, input size, HU window, architecture,
+            training summary).
+        device: where it runs.
+    """
+
+    network: torch.nn.Module
+    path: Path
+    sha256: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """Square input (height, width) in pixels the network was trained at."""
+        return tuple(int(v) for v in self.metadata["input_size"])  # type: ignore[return-value]
+
+    @property
+    def hu_window(self) -> tuple[float, float]:
+        """The HU window of :func:`hu_to_unit` this network expects."""
+        return tuple(float(v) for v in self.metadata.get("hu_window", DEFAULT_HU_WINDOW))  # type: ignore[return-value]
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Output class names, index order."""
+        return tuple(self.metadata.get("classes", CLASS_NAMES))
+
+    def provenance(self) -> dict[str, Any]:
+        """A small JSON-ready summary for result files."""
+        return {
+            "path": str(self.path),
+            "sha256": self.sha256,
+            "architecture": self.metadata.get("architecture", {}).get("name"),
+            "input_size": list(self.input_size),
+            "hu_window": list(self.hu_window),
+            "classes": list(self.classes),
+        }
+
+
+def save_lesion_model(network: torch.nn.Module, path: str | Path, metadata: dict[str, Any]) -> Path:
+    """Write ``{"format", "version", "metadata", "state_dict"}`` (plain tensors and builtins) to ``path``."""
+    for key in ("architecture", "input_size", "hu_window", "classes"):
+        if key not in metadata:
+            raise ValueError(f"metadata lacks {key!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+    blob = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "metadata": metadata, "state_dict": state}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(blob, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_lesion_model(path: str | Path | None = None, device: str = "cpu") -> LesionModel:
+    """Load the shipped (or given) lesion network; any missing/corrupt/incompatible file is a :class:`ModelError`."""
+    path = Path(path) if path is not None else DEFAULT_MODEL_PATH
+    if not path.is_file():
+        raise ModelError("lesion model weight file not found", path)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, garbage bytes, pickled code: all unusable
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"cannot read lesion model weights (truncated or corrupt file?): {first}", path) from None
+    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
+        raise ModelError(f"not a ctquant lesion model checkpoint (expected format {CHECKPOINT_FORMAT!r})", path)
+    if blob.get("version") != CHECKPOINT_VERSION:
+        raise ModelError(f"unsupported checkpoint version {blob.get('version')!r} "
+                         f"(this ctquant reads version {CHECKPOINT_VERSION})", path)
+    metadata = blob.get("metadata")
+    if not isinstance(metadata, dict) or not {"architecture", "input_size", "classes"} <= set(metadata):
+        raise ModelError("checkpoint metadata lacks architecture/input_size/classes", path)
+    if tuple(metadata["classes"]) != CLASS_NAMES:
+        raise ModelError(f"checkpoint classes {metadata['classes']} differ from {list(CLASS_NAMES)}", path)
+    try:
+        network = build_network(metadata["architecture"])
+        network.load_state_dict(blob["state_dict"], strict=True)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"weights incompatible with the network code: {first}", path) from None
+    torch_device = resolve_device(device)
+    network.to(torch_device).eval()
+    return LesionModel(network=network, path=path, sha256=file_sha256(path), metadata=metadata, device=torch_device)
+
+
+def _resize(batch: torch.Tensor, size_px: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (n, c, h, w) to ``size_px``; antialiased when shrinking."""
+    if tuple(batch.shape[-2:]) == tuple(size_px):
+        return batch
+    shrink = batch.shape[-2] > size_px[0] or batch.shape[-1] > size_px[1]
+    return F.interpolate(batch, size=size_px, mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def resize_unit_slices(slices_unit: np.ndarray | torch.Tensor, size_px: tuple[int, int]) -> torch.Tensor:
+    """Resize (n, h, w) unit-range slices to (n, 1, *size_px) float32, as the network sees them."""
+    batch = torch.as_tensor(np.asarray(slices_unit, dtype=np.float32))[:, None]
+    return _resize(batch, size_px)
+
+
+def predict_proba(model: LesionModel, slices_unit: np.ndarray) -> torch.Tensor:
+    """Class probabilities (n, 3, h, w) float32 on the CPU for one batch of (n, h, w) unit-range slices.
+
+    Each slice is resized to the model's input size, run, and its softmax resized back to (h, w).
+    """
+    slices_unit = np.asarray(slices_unit, dtype=np.float32)
+    if slices_unit.ndim != 3:
+        raise ValueError(f"expected slices of shape (n, h, w), got {slices_unit.shape}")
+    height, width = slices_unit.shape[1:]
+    x = resize_unit_slices(slices_unit, model.input_size).to(model.device)
+    use_amp = model.device.type == "cuda"
+    with torch.inference_mode(), torch.autocast(device_type=model.device.type, dtype=torch.float16, enabled=use_amp):
+        logits = model.network(x)
+    probs = torch.softmax(logits.float(), dim=1)
+    return _resize(probs, (height, width)).cpu()
+
+
+def predict_slices(model: LesionModel, slices_unit: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """Labels (n, h, w) uint8 (0 background, 1 GGO, 2 consolidation) for (n, h, w) unit-range slices."""
+    slices_unit = np.asarray(slices_unit, dtype=np.float32)
+    if slices_unit.ndim != 3:
+        raise ValueError(f"expected slices of shape (n, h, w), got {slices_unit.shape}")
+    out = np.zeros(slices_unit.shape, dtype=np.uint8)
+    for start in range(0, len(slices_unit), max(1, int(batch_size))):
+        probs = predict_proba(model, slices_unit[start:start + batch_size])
+        out[start:start + batch_size] = probs.argmax(dim=1).to(torch.uint8).numpy()
+    return out
+
+
+def lung_crop_box(lung_mask: np.ndarray, margin_fraction: float = DEFAULT_CROP_MARGIN_FRACTION
+                  ) -> tuple[slice, slice, slice] | None:
+    """(z, y, x) slices of the lung bounding box, in-plane box widened by ``margin_fraction`` per side.
+
+    One in-plane box for the whole volume keeps the pixel scale the same on every slice (as in the
+    training exports, where a mid-thorax pair of lungs fills the image). ``None`` if there is no lung.
+    """
+    mask = np.asarray(lung_mask) > 0
+    zs = np.flatnonzero(mask.any(axis=(1, 2)))
+    if zs.size == 0:
+        return None
+    ys = np.flatnonzero(mask.any(axis=(0, 2)))
+    xs = np.flatnonzero(mask.any(axis=(0, 1)))
+    box = []
+    for idx, n in ((ys, mask.shape[1]), (xs, mask.shape[2])):
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        pad = int(math.ceil(margin_fraction * (hi - lo)))
+        box.append(slice(max(0, lo - pad), min(n, hi + pad)))
+    return (slice(int(zs[0]), int(zs[-1]) + 1), box[0], box[1])
+
+
+def segment_lesions(hu: np.ndarray, lung_mask: np.ndarray, model: LesionModel, batch_size: int = 16,
+                    margin_fraction: float = DEFAULT_CROP_MARGIN_FRACTION) -> np.ndarray:
+    """GGO (1) and consolidation (2) labels (z, y, x) uint8 of an HU volume, zero outside ``lung_mask``.
+
+    Only slices containing lung are run; each is cropped to the lung bounding box (see
+    :func:`lung_crop_box`), normalised with :func:`hu_to_unit` at the model's HU window and passed
+    through :func:`predict_slices`.
+    """
+    hu = np.asarray(hu)
+    lung = np.asarray(lung_mask) > 0
+    if hu.ndim != 3 or hu.shape != lung.shape:
+        raise ValueError(f"hu {hu.shape} and lung_mask {lung.shape} must be equal (z, y, x) shapes")
+    labels = np.zeros(hu.shape, dtype=np.uint8)
+    box = lung_crop_box(lung, margin_fraction)
+    if box is None:
+        return labels
+    z_box, y_box, x_box = box
+    z_with_lung = np.flatnonzero(lung[z_box].any(axis=(1, 2))) + z_box.start
+    for start in range(0, len(z_with_lung), max(1, int(batch_size))):
+        zs = z_with_lung[start:start + batch_size]
+        crop_unit = hu_to_unit(hu[zs, y_box, x_box], model.hu_window)
+        pred = predict_slices(model, crop_unit, batch_size=len(zs))
+        pred[~lung[zs, y_box, x_box]] = 0
+        labels[zs, y_box, x_box] = pred
+    return labels
+
+
+def dice_score(prediction: np.ndarray, reference: np.ndarray) -> float:
+    """Dice 2|P∩G| / (|P| + |G|) of two masks; 1.0 where both are empty, 0.0 where only one is."""
+    p = np.asarray(prediction, dtype=bool)
+    g = np.asarray(reference, dtype=bool)
+    if p.shape != g.shape:
+        raise ValueError(f"prediction {p.shape} and reference {g.shape} differ in shape")
+    total = int(p.sum()) + int(g.sum())
+    if total == 0:
+        return 1.0
+    return 2.0 * int(np.logical_and(p, g).sum()) / total
+
+
+def class_dice(prediction: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Per-image Dice of GGO, consolidation and lesion (GGO ∪ consolidation) for label images."""
+    return {
+        "dice_ggo": dice_score(prediction == GGO, reference == GGO),
+        "dice_consolidation": dice_score(prediction == CONSOLIDATION, reference == CONSOLIDATION),
+        "dice_lesion": dice_score(prediction > 0, reference > 0),
+    }

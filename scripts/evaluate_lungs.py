@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Measure the lung segmentation: Dice and HD95 per lung (right, left) and for both lungs.
+
+Two modes:
+
+- ``--pred P.nii.gz --ref R.nii.gz`` compares two label files (1 right, 2 left; any format SimpleITK
+  reads), e.g. ``ctquant quantify`` output against a reference mask;
+- ``--phantoms`` generates synthetic chest CTs at several lesion severities (up to heavy,
+  pleura-touching dependent consolidation), segments them and compares with the generator's truth.
+
+Real CT with lung masks: ``../shared/data`` holds none today (its sets carry lesion labels only, on
+8-bit slices); this script says so when asked with ``--real``.
+
+Examples::
+
+    python scripts/evaluate_lungs.py --phantoms --severities 0 1 2 3 --seeds 0 1 --json lungs_eval.json
+    python scripts/evaluate_lungs.py --pred results/baseline/lungs.nii.gz --ref sample_dicom/truth/baseline_lungs.nii.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ctquant.agreement import mask_metrics
+from ctquant.io import read_label_image
+from ctquant.lungs import LEFT, RIGHT, segment_lungs
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def lung_scores(pred: np.ndarray, ref: np.ndarray, spacing_mm: tuple[float, float, float]) -> dict[str, float]:
+    """Dice and HD95 (mm) for the right lung, the left lung and both lungs."""
+    out: dict[str, float] = {}
+    for name, p, r in (("right", pred == RIGHT, ref == RIGHT), ("left", pred == LEFT, ref == LEFT),
+                       ("both", pred > 0, ref > 0)):
+        metrics = mask_metrics(p, r, spacing_mm)
+        out[f"dice_{name}"] = round(metrics["dice"], 4)
+        out[f"hd95_{name}_mm"] = round(metrics["hd95_mm"], 2)
+    out["volume_error_pct"] = round(100.0 * (np.count_nonzero(pred) / max(1, np.count_nonzero(ref)) - 1.0), 2)
+    return out
+
+
+def evaluate_phantoms(severities: list[float], seeds: list[int], shape: tuple[int, int, int] | None,
+                      spacing: tuple[float, float, float] | None) -> list[dict]:
+    """Segment generated phantoms and score them against their truth."""
+    from ctquant.phantom import make_phantom
+
+    rows = []
+    for seed in seeds:
+        for severity in severities:
+            kwargs = {}
+            if shape:
+                kwargs["shape_zyx"] = shape
+            if spacing:
+                kwargs["spacing_mm"] = spacing
+            phantom = make_phantom(severity=severity, seed=seed, **kwargs)
+            t0 = time.perf_counter()
+            pred = segment_lungs(phantom.hu, phantom.spacing_mm)
+            seconds = time.perf_counter() - t0
+            lung = phantom.lung_labels > 0
+            lesion_share = float(np.count_nonzero(phantom.lesion_labels) / max(1, np.count_nonzero(lung)))
+            consolidation_share = float(np.count_nonzero(phantom.lesion_labels == 2) / max(1, np.count_nonzero(lung)))
+            rows.append({"case": f"phantom seed {seed} severity {severity:g}", "severity": severity, "seed": seed,
+                         "lesion_pct_of_lung": round(100 * lesion_share, 1),
+                         "consolidation_pct_of_lung": round(100 * consolidation_share, 1),
+                         "seconds": round(seconds, 2),
+                         **lung_scores(pred, phantom.lung_labels, phantom.spacing_mm)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pred", type=Path, help="predicted lung labels (1 right, 2 left)")
+    parser.add_argument("--ref", type=Path, help="reference lung labels (1 right, 2 left)")
+    parser.add_argument("--phantoms", action="store_true", help="evaluate on generated phantoms")
+    parser.add_argument("--severities", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 3.0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--shape", type=int, nargs=3, help="phantom shape z y x (default: the sample's)")
+    parser.add_argument("--spacing", type=float, nargs=3, help="phantom spacing z y x mm")
+    parser.add_argument("--real", action="store_true", help="look for real CT with lung masks in ../shared/data")
+    parser.add_argument("--json", type=Path, help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+
+    rows: list[dict] = []
+    if args.pred or args.ref:
+        if not (args.pred and args.ref):
+            parser.error("--pred and --ref go together")
+        pred, spacing = read_label_image(args.pred)
+        ref, ref_spacing = read_label_image(args.ref)
+        if pred.shape != ref.shape or not np.allclose(spacing, ref_spacing, rtol=1e-3):
+            print(f"error: grids differ: {pred.shape} {spacing} vs {ref.shape} {ref_spacing}", file=sys.stderr)
+            return 3
+        rows.append({"case": str(args.pred), **lung_scores(pred, ref, spacing)})
+    if args.phantoms:
+        rows += evaluate_phantoms(args.severities, args.seeds, tuple(args.shape) if args.shape else None,
+                                  tuple(args.spacing) if args.spacing else None)
+    if args.real:
+        found = sorted(p for p in SHARED_DATA.glob("*/lungs*") if p.is_dir()) if SHARED_DATA.is_dir() else []
+        if not found:
+            print(f"no real CT with lung masks under {SHARED_DATA} (its sets have lesion labels only)")
+    if not rows:
+        parser.error("nothing to evaluate: give --pred/--ref or --phantoms")
+
+    columns = [c for c in rows[0] if c not in ("seed", "severity")]
+    print(" | ".join(columns))
+    for row in rows:
+        print(" | ".join(str(row.get(c, "")) for c in columns))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,446 @@
+#!/usr/bin/env python
+"""Train the shipped MONAI lesion network (0 background, 1 GGO, 2 consolidation) on real CT slices.
+
+Recipe (hyper-parameters in ``configs/lesion_model.yaml``):
+
+1. pre-train lesion-vs-background on ``semiseg-pseudo`` (1,600 real slices, machine-made masks): the
+   loss compares P(GGO) + P(consolidation) with the pseudo mask;
+2. fine-tune 3-class on the ``medseg-2d`` training slices (radiologist labels), with a few pseudo
+   slices mixed into each batch under the lesion-vs-background loss at a lower weight;
+3. validate on the held-out slices of ``configs/lesion_split.json`` every epoch, exactly as the
+   product predicts (ctquant.lesion_model.predict_proba at full resolution), with monai.metrics.
+
+Usage::
+
+    python scripts/train_lesion_model.py [--config configs/lesion_model.yaml] \
+        [--out models/lesion_model.pt] [--set finetune.steps=400 ...]
+
+The data are read from ``<repo root>/../shared/data`` (never copied into the repository).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import monai  # noqa: E402
+from monai.losses import DiceCELoss, DiceLoss  # noqa: E402
+from monai.metrics import DiceMetric  # noqa: E402
+from monai.optimizers import WarmupCosineSchedule  # noqa: E402
+from monai.transforms import (  # noqa: E402
+    Compose,
+    Lambdad,
+    RandAdjustContrastd,
+    RandAffined,
+    RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+)
+from monai.utils import set_determinism  # noqa: E402
+
+from ctquant import lesion_model as lm  # noqa: E402
+from ctquant.config import config_hash, load_yaml  # noqa: E402
+
+log = logging.getLogger("train_lesion_model")
+
+
+# ----------------------------------------------------------------------------------------- config
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` → (["a", "b"], yaml-parsed value)."""
+    key, _, value = text.partition("=")
+    if not key or not _:
+        raise SystemExit(f"--set expects key=value, got {text!r}")
+    return key.split("."), yaml.safe_load(value)
+
+
+def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys of ``config`` from ``key=value`` strings (in place; returns it)."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = config
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return config
+
+
+def data_root(config: dict[str, Any]) -> Path:
+    """The real-data folder: ``data.root`` or ``<repo root>/../shared/data``."""
+    root = config["data"].get("root")
+    return Path(root) if root else REPO_ROOT.parent / "shared" / "data"
+
+
+# ------------------------------------------------------------------------------------------- data
+def read_grey(path: Path) -> np.ndarray:
+    """An 8-bit grey image as uint8 (h, w)."""
+    return np.array(Image.open(path).convert("L"))
+
+
+def read_label(path: Path) -> np.ndarray:
+    """A label PNG as uint8 (h, w)."""
+    return np.array(Image.open(path))
+
+
+def resize_label(label: np.ndarray, size_px: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a label image."""
+    t = torch.as_tensor(label[None, None].astype(np.float32))
+    return F.interpolate(t, size=size_px, mode="nearest")[0, 0].numpy().astype(np.uint8)
+
+
+def tissue_peak_grey(image: np.ndarray) -> float:
+    """Grey level of the soft-tissue peak: the histogram mode above Otsu's threshold (below 250)."""
+    from skimage.filters import threshold_otsu
+
+    threshold = int(threshold_otsu(image))
+    hist = np.bincount(image.ravel(), minlength=256).astype(float)
+    hist = np.convolve(hist, np.ones(5) / 5, mode="same")
+    upper = min(250, 255)
+    if threshold >= upper - 5:
+        return float("nan")
+    return float(threshold + np.argmax(hist[threshold:upper]))
+
+
+def load_medseg(root: Path, names: list[str], size_px: tuple[int, int] | None):
+    """medseg-2d slices: unit images and labels, resized to ``size_px`` (None: native size)."""
+    images, labels = [], []
+    for name in names:
+        stem = Path(name).stem
+        unit = lm.image8_to_unit(read_grey(root / "medseg-2d" / "images" / name))
+        label = read_label(root / "medseg-2d" / "labels" / f"{stem}.png")
+        if size_px is not None:
+            unit = lm.resize_unit_slices(unit[None], size_px)[0, 0].numpy()
+            label = resize_label(label, size_px)
+        images.append(unit)
+        labels.append(label)
+    return images, labels
+
+
+def load_pseudo(root: Path, size_px: tuple[int, int], tissue_grey: float, max_slices: int | None):
+    """semiseg-pseudo slices (window-harmonised, see the config) as uint8 tensors (n, h, w) and masks."""
+    files = sorted((root / "semiseg-pseudo" / "images").glob("*.jpg"))
+    if max_slices:
+        files = files[: int(max_slices)]
+    images = torch.empty((len(files), *size_px), dtype=torch.uint8)
+    masks = torch.empty((len(files), *size_px), dtype=torch.uint8)
+    n_rescaled = 0
+    for i, path in enumerate(files):
+        grey = read_grey(path)
+        peak = tissue_peak_grey(grey)
+        unit = lm.image8_to_unit(grey)
+        if np.isfinite(peak) and 60 <= peak <= 250:
+            unit = np.clip(unit * (tissue_grey / peak), 0.0, 1.0)
+            n_rescaled += 1
+        unit = lm.resize_unit_slices(unit[None], size_px)[0, 0]
+        images[i] = (unit * 255.0 + 0.5).clamp(0, 255).to(torch.uint8)
+        label = read_label(root / "semiseg-pseudo" / "labels" / f"{path.stem}.png")
+        masks[i] = torch.as_tensor(resize_label((label > 0).astype(np.uint8), size_px))
+    log.info("pseudo slices: %d loaded, %d window-harmonised", len(files), n_rescaled)
+    return images, masks
+
+
+def make_augment(cfg: dict[str, Any], size_px: tuple[int, int], seed: int) -> Compose:
+    """MONAI dictionary transforms on {"image": (1,h,w) float, "label": (1,h,w)}."""
+    keys = ["image", "label"]
+    translate = [cfg["translate_fraction"] * s for s in size_px]
+    scale = float(cfg["scale"])
+    transforms = Compose([
+        RandRotate90d(keys, prob=cfg["rotate90_prob"], max_k=3),
+        RandFlipd(keys, prob=cfg["flip_prob"], spatial_axis=0),
+        RandFlipd(keys, prob=cfg["flip_prob"], spatial_axis=1),
+        RandAffined(keys, prob=cfg["affine_prob"], rotate_range=math.radians(cfg["rotate_deg"]),
+                    scale_range=(scale, scale), translate_range=translate, spatial_size=size_px,
+                    mode=("bilinear", "nearest"), padding_mode="zeros"),
+        RandShiftIntensityd("image", offsets=cfg["intensity_shift"], prob=cfg["window_prob"]),
+        RandScaleIntensityd("image", factors=tuple(cfg["intensity_scale"]), prob=cfg["window_prob"]),
+        Lambdad("image", func=lambda x: x.clamp(0.0, 1.0)),
+        RandAdjustContrastd("image", gamma=tuple(cfg["gamma"]), prob=cfg["gamma_prob"]),
+        RandGaussianSmoothd("image", sigma_x=tuple(cfg["smooth_sigma"]), sigma_y=tuple(cfg["smooth_sigma"]),
+                            prob=cfg["smooth_prob"]),
+        RandGaussianNoised("image", std=cfg["noise_std"], prob=cfg["noise_prob"]),
+        Lambdad("image", func=lambda x: x.clamp(0.0, 1.0)),
+    ])
+    transforms.set_random_state(seed=seed)
+    return transforms
+
+
+def augment_batch(transforms: Compose, images: list[torch.Tensor], labels: list[torch.Tensor]):
+    """Apply ``transforms`` to each (h, w) image/label pair; returns (n,1,h,w) float and (n,1,h,w) long."""
+    xs, ys = [], []
+    for image, label in zip(images, labels):
+        out = transforms({"image": image[None].float(), "label": label[None].float()})
+        xs.append(torch.as_tensor(out["image"]))
+        ys.append(torch.as_tensor(out["label"]).round().long())
+    return torch.stack(xs).float(), torch.stack(ys)
+
+
+# ------------------------------------------------------------------------------------------- loss
+class LesionVsBackgroundLoss(torch.nn.Module):
+    """Cross-entropy + Dice of P(lesion) = P(GGO) + P(consolidation) against a binary mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dice = DiceLoss(include_background=False, to_onehot_y=True, softmax=False, batch=False)
+
+    def forward(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        log_p = torch.log_softmax(logits, dim=1)
+        log_two = torch.stack([log_p[:, 0], torch.logsumexp(log_p[:, 1:], dim=1)], dim=1)
+        ce = F.nll_loss(log_two, mask[:, 0].long())
+        return ce + self.dice(log_two.exp(), mask)
+
+
+# ------------------------------------------------------------------------------------- validation
+def validate(network: torch.nn.Module, metadata: dict[str, Any], images: list[np.ndarray],
+             labels: list[np.ndarray]) -> dict[str, float]:
+    """Mean per-image Dice (GGO, consolidation, lesion) at full resolution, as the product predicts."""
+    network.eval()
+    model = lm.LesionModel(network=network, path=Path("<training>"), sha256="", metadata=metadata)
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
+    lesion_metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
+    for image, label in zip(images, labels):
+        pred = torch.as_tensor(lm.predict_slices(model, image[None])[0]).long()
+        ref = torch.as_tensor(label).long()
+        metric(F.one_hot(pred, 3).permute(2, 0, 1)[None], F.one_hot(ref, 3).permute(2, 0, 1)[None])
+        lesion_metric(F.one_hot((pred > 0).long(), 2).permute(2, 0, 1)[None],
+                      F.one_hot((ref > 0).long(), 2).permute(2, 0, 1)[None])
+    per_class = metric.aggregate().mean(dim=0)
+    lesion = lesion_metric.aggregate().mean()
+    network.train()
+    return {"dice_ggo": float(per_class[0]), "dice_consolidation": float(per_class[1]), "dice_lesion": float(lesion)}
+
+
+# ---------------------------------------------------------------------------------------- bundle
+def write_bundle_configs(config: dict[str, Any], checkpoint_name: str) -> None:
+    """Write ``configs/inference.json`` and ``configs/metadata.json`` (MONAI bundle layout)."""
+    arch = config["model"]["architecture"]
+    inference = {
+        "imports": ["$import torch", "$import monai"],
+        "bundle_root": ".",
+        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
+        "checkpoint_path": f"$@bundle_root + '/models/{checkpoint_name}'",
+        "network_def": {"_target_": f"monai.networks.nets.{arch['name']}", **arch["kwargs"]},
+        "network": "$@network_def.to(@device)",
+        "checkpoint": "$torch.load(@checkpoint_path, map_location=@device, weights_only=True)",
+        "load_weights": "$@network.load_state_dict(@checkpoint['state_dict'])",
+        "note": ("Builds the network and loads the shipped weights. The product's pre/post-processing "
+                 "(HU window, lung crop, resize, argmax) lives in ctquant.lesion_model.segment_lesions."),
+    }
+    (REPO_ROOT / "configs" / "inference.json").write_text(json.dumps(inference, indent=2) + "\n")
+    size = list(config["model"]["input_size"])
+    window = list(config["model"]["hu_window"])
+    metadata = {
+        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json",
+        "version": "0.1.0",
+        "changelog": {"0.1.0": "first model: UNet trained on medseg-2d (35 slices) after pseudo-label pre-training"},
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "optional_packages_version": {},
+        "name": "ctquant COVID-19 lesion segmentation (2D)",
+        "task": "Ground-glass opacity and consolidation segmentation on axial chest CT slices",
+        "description": "2D MONAI network applied slice by slice inside the lung bounding box; see models/README.md.",
+        "authors": "ctquant project",
+        "copyright": "Apache-2.0 (code); training data MedSeg (CC0) and Inf-Net redistributions (MIT)",
+        "data_source": "medseg-2d (MedSeg via DengPingFan/Inf-Net) and semiseg-pseudo (Inf-Net pseudo labels)",
+        "data_type": "8-bit display-window exports for training; HU volumes in the product",
+        "intended_use": "Research and trial endpoint quantification; not for clinical diagnosis",
+        "network_data_format": {
+            "inputs": {"image": {
+                "type": "image", "format": "magnitude", "modality": "CT", "num_channels": 1,
+                "spatial_shape": size, "dtype": "float32", "value_range": [0, 1], "is_patch_data": False,
+                "channel_def": {"0": f"CT, HU window {window[0]:g}..{window[1]:g} mapped linearly to 0..1 "
+                                     "(8-bit exports: grey/255), lung crop resized to the input size"},
+            }},
+            "outputs": {"pred": {
+                "type": "image", "format": "segmentation", "num_channels": 3, "spatial_shape": size,
+                "dtype": "float32", "value_range": [0, 1], "is_patch_data": False,
+                "channel_def": {str(i): name for i, name in enumerate(lm.CLASS_NAMES)},
+            }},
+        },
+    }
+    (REPO_ROOT / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "lesion_model.yaml"))
+    parser.add_argument("--out", default=str(REPO_ROOT / "models" / "lesion_model.pt"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--no-bundle", action="store_true", help="do not rewrite configs/inference.json, metadata.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+
+    config = apply_overrides(load_yaml(args.config), args.overrides)
+    started = time.monotonic()
+    budget_s = float(config.get("time_budget_minutes", 1e9)) * 60.0
+    seed = int(config["seed"])
+    torch.set_num_threads(int(config.get("threads", 2)))
+    set_determinism(seed=seed)
+    log.info("config hash %s; overrides %s", config_hash(config), args.overrides)
+
+    root = data_root(config)
+    if not (root / "medseg-2d").is_dir():
+        log.error("real data not found at %s", root)
+        return 2
+    split = json.loads((REPO_ROOT / config["data"]["split"]).read_text())
+    size_px = tuple(int(v) for v in config["model"]["input_size"])
+    train_x, train_y = load_medseg(root, split["train"], size_px)
+    val_x, val_y = load_medseg(root, split["val"], None)
+    train_x = [torch.as_tensor(x) for x in train_x]
+    train_y = [torch.as_tensor(y) for y in train_y]
+    pre, fin = config["pretrain"], config["finetune"]
+    need_pseudo = pre["steps"] > 0 or (fin["batch_size_pseudo"] > 0 and fin["steps"] > 0)
+    if need_pseudo:
+        pseudo_x, pseudo_y = load_pseudo(root, size_px, config["data"]["pseudo_tissue_grey"],
+                                         config["data"].get("pseudo_max_slices"))
+    log.info("medseg: %d train / %d val slices; data loaded in %.0f s", len(train_x), len(val_x),
+             time.monotonic() - started)
+
+    metadata = {
+        "architecture": config["model"]["architecture"],
+        "input_size": list(size_px),
+        "hu_window": [float(v) for v in config["model"]["hu_window"]],
+        "classes": list(lm.CLASS_NAMES),
+    }
+    if tuple(metadata["hu_window"]) != lm.DEFAULT_HU_WINDOW:
+        log.warning("config HU window %s differs from lesion_model.DEFAULT_HU_WINDOW %s",
+                    metadata["hu_window"], lm.DEFAULT_HU_WINDOW)
+    network = lm.build_network(config["model"]["architecture"])
+    n_params = sum(p.numel() for p in network.parameters())
+    log.info("network %s, %.2f M parameters, input %s", config["model"]["architecture"]["name"], n_params / 1e6, size_px)
+    augment = make_augment(config["augment"], size_px, seed)
+    rng = np.random.default_rng(seed)
+    lesion_loss = LesionVsBackgroundLoss()
+    dice_ce = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=False,
+                         lambda_dice=config["loss"]["lambda_dice"], lambda_ce=config["loss"]["lambda_ce"])
+    history: list[dict[str, Any]] = []
+    out_of_time = False
+
+    def over_budget() -> bool:
+        return time.monotonic() - started > budget_s
+
+    def pseudo_batch(n: int):
+        idx = rng.integers(0, len(pseudo_x), n)
+        return augment_batch(augment, [pseudo_x[i].float() / 255.0 for i in idx], [pseudo_y[i] for i in idx])
+
+    # -- phase 1: lesion-vs-background pre-training on pseudo labels
+    if pre["steps"] > 0:
+        opt = torch.optim.AdamW(network.parameters(), lr=pre["lr"], weight_decay=pre["weight_decay"])
+        sched = WarmupCosineSchedule(opt, warmup_steps=pre["warmup_steps"], t_total=pre["steps"])
+        network.train()
+        t0, losses = time.monotonic(), []
+        for step in range(1, pre["steps"] + 1):
+            x, y = pseudo_batch(pre["batch_size"])
+            opt.zero_grad(set_to_none=True)
+            loss = lesion_loss(network(x), y)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.detach().item())
+            if step % 50 == 0 or step == pre["steps"]:
+                log.info("pretrain step %4d/%d  loss %.4f  (%.2f s/step)", step, pre["steps"],
+                         float(np.mean(losses[-50:])), (time.monotonic() - t0) / step)
+            if over_budget():
+                log.warning("time budget reached during pre-training at step %d", step)
+                out_of_time = True
+                break
+        history.append({"phase": "pretrain", "steps": step, "loss": float(np.mean(losses[-50:])),
+                        "seconds": round(time.monotonic() - t0, 1)})
+
+    # -- phase 2: 3-class fine-tuning on medseg-2d (+ pseudo slices under the lesion loss)
+    best = {"score": -1.0, "step": 0, "state": None, "val": None}
+    val = None
+    step = 0
+    if fin["steps"] > 0 and not out_of_time:
+        opt = torch.optim.AdamW(network.parameters(), lr=fin["lr"], weight_decay=fin["weight_decay"])
+        sched = WarmupCosineSchedule(opt, warmup_steps=fin["warmup_steps"], t_total=fin["steps"])
+        network.train()
+        t0, losses = time.monotonic(), []
+        n_pseudo = int(fin["batch_size_pseudo"]) if need_pseudo else 0
+        for step in range(1, fin["steps"] + 1):
+            idx = rng.integers(0, len(train_x), int(fin["batch_size_medseg"]))
+            x, y = augment_batch(augment, [train_x[i] for i in idx], [train_y[i] for i in idx])
+            opt.zero_grad(set_to_none=True)
+            if n_pseudo:
+                px, py = pseudo_batch(n_pseudo)
+                logits = network(torch.cat([x, px]))
+                loss = dice_ce(logits[: len(x)], y) + fin["pseudo_loss_weight"] * lesion_loss(logits[len(x):], py)
+            else:
+                loss = dice_ce(network(x), y)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.detach().item())
+            last = step == fin["steps"] or over_budget()
+            if step % fin["steps_per_epoch"] == 0 or last:
+                val = validate(network, metadata, val_x, val_y)
+                score = (val["dice_ggo"] + val["dice_consolidation"] + val["dice_lesion"]) / 3.0
+                epoch = math.ceil(step / fin["steps_per_epoch"])
+                log.info("epoch %2d (step %4d/%d)  loss %.4f  val Dice GGO %.3f  consolidation %.3f  lesion %.3f"
+                         "  (%.2f s/step, %.1f min total)", epoch, step, fin["steps"],
+                         float(np.mean(losses[-fin["steps_per_epoch"]:])), val["dice_ggo"],
+                         val["dice_consolidation"], val["dice_lesion"], (time.monotonic() - t0) / step,
+                         (time.monotonic() - started) / 60)
+                history.append({"phase": "finetune", "epoch": epoch, "step": step,
+                                "loss": round(float(np.mean(losses[-fin["steps_per_epoch"]:])), 4),
+                                **{k: round(v, 4) for k, v in val.items()}})
+                if score > best["score"]:
+                    best = {"score": score, "step": step, "val": val,
+                            "state": {k: v.detach().clone() for k, v in network.state_dict().items()}}
+            if over_budget():
+                log.warning("time budget reached during fine-tuning at step %d: saving what there is", step)
+                out_of_time = True
+                break
+
+    if fin.get("select_checkpoint", "last") == "best" and best["state"] is not None:
+        network.load_state_dict(best["state"])
+        chosen, chosen_val = f"best (step {best['step']})", best["val"]
+    else:
+        chosen, chosen_val = f"last (step {step})", val
+    wall_min = (time.monotonic() - started) / 60.0
+    metadata["training"] = {
+        "script": "scripts/train_lesion_model.py",
+        "config": str(Path(args.config).resolve().relative_to(REPO_ROOT)) if Path(args.config).resolve().is_relative_to(REPO_ROOT) else args.config,
+        "config_hash": config_hash(config),
+        "overrides": list(args.overrides),
+        "seed": seed,
+        "split": config["data"]["split"],
+        "checkpoint": chosen,
+        "validation_at_checkpoint": chosen_val,
+        "best_validation": {"step": best["step"], **(best["val"] or {})},
+        "stopped_by_time_budget": out_of_time,
+        "wall_minutes": round(wall_min, 1),
+        "history": history,
+        "trained_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "monai": monai.__version__, "machine": platform.machine(),
+    }
+    path = lm.save_lesion_model(network, args.out, metadata)
+    if not args.no_bundle:
+        write_bundle_configs(config, Path(args.out).name)
+    log.info("saved %s (%s); val at checkpoint %s; best val step %d %s; wall %.1f min",
+             path, chosen, chosen_val, best["step"], best["val"], wall_min)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

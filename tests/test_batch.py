@@ -1,0 +1,335 @@
+"""``ctquant batch``: manifest checks, failure isolation, resuming after a kill, config changes, Dask.
+
+Scans are tiny synthetic phantoms (``ctquant.phantom``, 40x128x128 at 6x2.8x2.8 mm) quantified with
+``--method hu``; the whole module runs in well under a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from ctquant import batch
+from ctquant.batch import (BatchSettings, ScanTask, input_fingerprint, make_settings, plan, read_manifest,
+                           run_batch, run_one)
+from ctquant.cli import app
+from ctquant.errors import InputError
+
+SHAPE, SPACING = (40, 128, 128), (6.0, 2.8, 2.8)
+SCANS = [("P1", "baseline", 1), ("P1", "day14", 1), ("P2", "baseline", 2), ("P2", "day14", 2)]
+MEASURE_COLUMNS = [f"{side}_{m}" for side in ("right", "left", "both")
+                   for m in ("lung_volume_ml", "ggo_volume_ml", "consolidation_volume_ml", "opacity_pct",
+                             "mean_lung_hu")]
+
+
+def write_manifest(path: Path, rows: list[dict[str, str]]) -> Path:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def cohort(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path / "cohort.csv", dtype={"subject_id": str, "timepoint": str})
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory) -> Path:
+    """Four DICOM series (two subjects x baseline/day14) and ``manifest.csv`` with relative inputs."""
+    from ctquant.phantom import make_phantom, uid_from, write_dicom_series
+
+    root = tmp_path_factory.mktemp("cohort")
+    rows = []
+    for sid, tp, seed in SCANS:
+        ph = make_phantom(SHAPE, SPACING, timepoint=tp, severity=1.0, seed=seed)
+        write_dicom_series(ph, root / "dicom" / f"{sid}_{tp}", study_uid=uid_from(sid, tp, "study"),
+                           series_uid=uid_from(sid, tp, "series"), frame_of_reference_uid=uid_from(sid, "for"),
+                           study_date="20200401" if tp == "baseline" else "20200415", series_description="chest",
+                           series_number=1, patient_id=sid, patient_name=f"Test^{sid}", seed=seed)
+        rows.append({"subject_id": sid, "timepoint": tp, "input": f"dicom/{sid}_{tp}", "arm": "A" if seed == 1 else "B"})
+    write_manifest(root / "manifest.csv", rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(scans, tmp_path_factory) -> Path:
+    """An uninterrupted batch over the four scans on two local worker processes (``--workers 2``)."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    summary = run_batch(scans / "manifest.csv", out, method="hu", device="cpu", workers=2, endpoints=False)
+    assert summary.counts == {"ok": 4, "skipped": 0, "failed": 0}
+    assert summary.executor == "2 local worker processes"
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Manifest validation (no scans run)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "manifest is empty"),
+    ("subject_id,timepoint,input\n", "manifest has no rows"),
+    ("subject_id,input\nP1,a\n", "lacks column(s) timepoint"),
+    ("subject_id,timepoint,input\nP1,baseline,a\nP1,baseline,b\n", "line 3: duplicate subject/time point P1/baseline"),
+    ("subject_id,timepoint,input\nP 1,baseline,a\nP_1,baseline,b\n", "same results folder P_1/baseline as line 2"),
+    ("subject_id,timepoint,input\n,baseline,a\n", "line 2: empty subject_id"),
+    ("subject_id,timepoint,input\n../..,baseline,a\n", "has no letters or digits"),
+])
+def test_manifest_errors_are_one_line(tmp_path, text, message):
+    path = tmp_path / "m.csv"
+    path.write_text(text)
+    with pytest.raises(InputError) as info:
+        read_manifest(path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    result = CliRunner().invoke(app, ["batch", str(path), "--out", str(tmp_path / "out"), "--method", "hu"])
+    assert result.exit_code == 3 and message in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_manifest_resolves_relative_inputs_and_keeps_extras(tmp_path):
+    (tmp_path / "sub").mkdir()
+    path = write_manifest(tmp_path / "sub" / "m.csv", [
+        {"subject_id": "P/1", "timepoint": "day 14", "input": "../scan1", "arm": "A", "series_uid": "1.2.3"},
+        {"subject_id": "P2", "timepoint": "baseline", "input": str(tmp_path / "x"), "arm": "B", "series_uid": ""}])
+    rows, extras = read_manifest(path)
+    assert extras == ["arm"]
+    assert rows[0].input == str(tmp_path / "scan1") and rows[1].input == str(tmp_path / "x")
+    assert rows[0].key == ("P_1", "day_14") and rows[0].series_uid == "1.2.3" and rows[1].series_uid is None
+    assert batch.scan_output_dir(tmp_path / "out", rows[0]) == tmp_path / "out" / "scans" / "P_1" / "day_14"
+
+
+def test_output_inside_an_input_is_refused(scans, tmp_path):
+    result = CliRunner().invoke(app, ["batch", str(scans / "manifest.csv"), "--out",
+                                      str(scans / "dicom" / "P1_baseline" / "results"), "--method", "hu"])
+    assert result.exit_code == 3 and "inputs are never written to" in result.output
+    assert not (scans / "dicom" / "P1_baseline" / "results").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Failure isolation
+
+
+def test_broken_scans_are_recorded_and_the_batch_goes_on(scans, tmp_path):
+    import SimpleITK as sitk
+
+    bad = tmp_path / "bad"
+    (bad / "garbage").mkdir(parents=True)
+    (bad / "garbage" / "IM0001.dcm").write_bytes(np.random.default_rng(0).bytes(4000))
+    (bad / "garbage" / "IM0002").write_bytes(b"\x00" * 300)
+    (bad / "notes.txt").write_text("not a scan\n")
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(1).integers(0, 255, (12, 48, 48), np.uint8)),
+                    str(bad / "photo.nii.gz"))
+    manifest = write_manifest(tmp_path / "m.csv", [
+        {"subject_id": "P1", "timepoint": "baseline", "input": str(scans / "dicom" / "P1_baseline"), "site": "Oslo"},
+        {"subject_id": "G1", "timepoint": "baseline", "input": "bad/garbage", "site": "Rome"},
+        {"subject_id": "M1", "timepoint": "baseline", "input": "bad/does-not-exist", "site": "Rome"},
+        {"subject_id": "T1", "timepoint": "baseline", "input": "bad/notes.txt", "site": "Lyon"},
+        {"subject_id": "W1", "timepoint": "baseline", "input": "bad/photo.nii.gz", "site": "Lyon"},
+        {"subject_id": "E1", "timepoint": "baseline", "input": "", "site": "Lyon"}])
+    before = sorted(p.name for p in bad.rglob("*"))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["batch", str(manifest), "--out", str(out), "--method", "hu", "--device", "cpu"])
+    assert result.exit_code == 8, result.output
+    assert "5 of 6 scan(s) failed" in result.output
+    failures = {r["subject_id"]: r for r in read_csv(out / "failures.csv")}
+    assert set(failures) == {"G1", "M1", "T1", "W1", "E1"}
+    assert failures["G1"]["exit_code"] == "3" and "no DICOM files found" in failures["G1"]["reason"]
+    assert failures["M1"]["category"] == "InputError" and "no such file or folder" in failures["M1"]["reason"]
+    assert failures["M1"]["input"] == str(tmp_path / "bad" / "does-not-exist")
+    assert "not a DICOM file" in failures["T1"]["reason"]
+    assert failures["W1"]["exit_code"] == "5" and failures["W1"]["category"] == "CalibrationError"
+    assert "no input given" in failures["E1"]["reason"]
+    table = cohort(out)
+    assert list(table["status"]) == ["ok", "failed", "failed", "failed", "failed", "failed"]
+    assert list(table["site"]) == ["Oslo", "Rome", "Rome", "Lyon", "Lyon", "Lyon"]
+    assert table.loc[0, "both_lung_volume_ml"] > 1000 and table.loc[1:, "both_lung_volume_ml"].isna().all()
+    good = out / "scans" / "P1" / "baseline"
+    assert json.loads((good / "measures.json").read_text())["provenance"]["input_fingerprint"]
+    assert {p.name for p in (out / "scans").iterdir()} == {"P1"}  # failed scans leave no folders
+    assert sorted(p.name for p in bad.rglob("*")) == before  # inputs untouched
+    assert not (out / ".batch.lock").exists()
+    assert json.loads((out / "batch.json").read_text())["counts"] == {"ok": 1, "skipped": 0, "failed": 5}
+
+
+def test_an_unexpected_exception_is_an_internal_error_record(scans, tmp_path, monkeypatch):
+    from ctquant import pipeline
+
+    def boom(*args, **kwargs):
+        raise ZeroDivisionError("division by zero\nsecond line")
+
+    monkeypatch.setattr(pipeline, "analyse_scan", boom)
+    settings = BatchSettings(method="hu", device="cpu", config_sha256="x")
+    task = ScanTask("P1", "baseline", str(scans / "dicom" / "P1_baseline"), str(tmp_path / "o"), settings)
+    record = run_one(task)
+    assert record.status == "failed" and record.exit_code == 1 and record.category == "InternalError"
+    assert record.reason == "internal error (ZeroDivisionError: division by zero)"
+    assert "Traceback" in record.traceback and not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Resuming
+
+
+_STALLING_RUN = textwrap.dedent("""
+    import sys, time
+    import ctquant.pipeline as pipeline
+    from ctquant.cli import main
+
+    real, calls = pipeline.write_label_image, [0]
+
+    def stalling(*args, **kwargs):  # hang while writing the 2nd scan, so the kill lands mid-write
+        calls[0] += 1
+        real(*args, **kwargs)
+        if calls[0] == 3:
+            print("STALLED", flush=True)
+            time.sleep(300)
+
+    pipeline.write_label_image = stalling
+    sys.argv = ["ctquant", "batch", *sys.argv[1:]]
+    main()
+""")
+
+
+def test_killed_run_resumes_with_identical_measures(scans, reference, tmp_path):
+    out = tmp_path / "out"
+    args = [str(scans / "manifest.csv"), "--out", str(out), "--method", "hu", "--device", "cpu"]
+    proc = subprocess.Popen([sys.executable, "-c", _STALLING_RUN, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline, seen = time.monotonic() + 120, []
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            seen.append(line)
+            if "STALLED" in line or not line:
+                break
+        assert "STALLED" in seen[-1], "".join(seen)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    first, second = out / "scans" / "P1" / "baseline", out / "scans" / "P1" / "day14"
+    assert (first / "measures.json").is_file()
+    assert not (second / "measures.json").exists()  # the half-written scan does not look complete
+    leftovers = list((out / "scans" / "P1").glob(".day14.tmp-*"))
+    assert leftovers and (leftovers[0] / "lungs.nii.gz").exists()
+    (out / "scans" / "P2" / ".baseline.tmp-stale").mkdir(parents=True)  # another stale temp folder
+    (out / "scans" / "P2" / "baseline").mkdir()
+    shutil.copy(first / "lungs.nii.gz", out / "scans" / "P2" / "baseline")  # files but no measures.json
+    assert (out / ".batch.lock").exists()  # the killed run's lock: its process is gone, so taken over
+    mtime = (first / "measures.json").stat().st_mtime_ns
+
+    summary = run_batch(scans / "manifest.csv", out, method="hu", device="cpu")
+    assert [r.status for r in summary.records] == ["skipped", "ok", "ok", "ok"]
+    assert (first / "measures.json").stat().st_mtime_ns == mtime
+    assert not list((out / "scans").glob("*/.*.tmp-*"))
+    table, ref = cohort(out), cohort(reference)
+    assert list(table["status"]) == ["skipped", "ok", "ok", "ok"]
+    pd.testing.assert_frame_equal(table[MEASURE_COLUMNS], ref[MEASURE_COLUMNS])
+    for sid, tp, _ in SCANS:
+        got = json.loads((out / "scans" / sid / tp / "measures.json").read_text())
+        want = json.loads((reference / "scans" / sid / tp / "measures.json").read_text())
+        assert got["lungs"] == want["lungs"] and got["bilateral"] == want["bilateral"]
+    # two time points per subject: the endpoint report is written from the batch's results
+    assert summary.endpoints is not None and (out / "endpoints" / "endpoints.csv").is_file()
+    assert not (out / "endpoints" / "scans").exists()  # nothing re-quantified by the endpoint report
+    # a second re-run has nothing to do
+    again = run_batch(scans / "manifest.csv", out, method="hu", device="cpu", endpoints=False)
+    assert again.counts == {"ok": 0, "skipped": 4, "failed": 0}
+
+
+def test_config_change_recomputes_and_input_change_is_detected(scans, reference, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)  # results moved elsewhere stay current
+    manifest = scans / "manifest.csv"
+    assert run_batch(manifest, out, method="hu", device="cpu", endpoints=False).counts["skipped"] == 4
+
+    override = tmp_path / "narrow_ggo.yaml"
+    override.write_text("hu_bands:\n  ggo: [-600, -300]\n")
+    result = CliRunner().invoke(app, ["batch", str(manifest), "--out", str(out), "--method", "hu",
+                                      "--device", "cpu", "--config", str(override), "--no-endpoints"])
+    assert result.exit_code == 0, result.output
+    table, ref = cohort(out), cohort(reference)
+    assert list(table["status"]) == ["ok"] * 4
+    assert (table["config_sha256"] != ref["config_sha256"]).all()
+    assert (table["both_ggo_volume_ml"] < ref["both_ggo_volume_ml"]).all()
+    assert run_batch(manifest, out, method="hu", device="cpu", config_path=override,
+                     endpoints=False).counts["skipped"] == 4
+    out = tmp_path / "default"
+    shutil.copytree(reference, out)  # the default config's results, for the input checks (plan() only)
+
+    # an input whose files change (mtime) is planned again; a copy with the same files is not
+    copy = tmp_path / "copy"
+    shutil.copytree(scans / "dicom" / "P2_day14", copy)
+    m2 = write_manifest(tmp_path / "m2.csv", [{"subject_id": "P2", "timepoint": "day14", "input": str(copy)}])
+    rows, _ = read_manifest(m2)
+    settings = make_settings("hu", "cpu")
+    todo, skipped = plan(rows, out, settings)
+    assert not todo and len(skipped) == 1
+    before = input_fingerprint(copy)
+    victim = sorted(copy.iterdir())[0]
+    os.utime(victim, ns=(victim.stat().st_atime_ns, victim.stat().st_mtime_ns + 1_000_000_000))
+    assert input_fingerprint(copy) != before
+    todo, skipped = plan(rows, out, settings)
+    assert len(todo) == 1 and not skipped
+    assert not (out / "scans" / "P2" / "day14" / "measures.json").exists()  # outdated result invalidated
+    # asking for DICOM SEG too: results without segmentation.dcm are not current
+    todo, skipped = plan(read_manifest(manifest)[0], out, make_settings("hu", "cpu", seg_format="both"))
+    assert len(todo) == 4 and not skipped
+
+
+# --------------------------------------------------------------------------------------------------
+# Parallel: local processes and Dask give the same table
+
+
+def test_dask_cluster_gives_the_same_cohort_table_as_local_workers(scans, reference, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(processes=False, protocol="tcp", n_workers=2, threads_per_worker=1,
+                                  dashboard_address=None) as cluster:
+        on_dask = CliRunner().invoke(app, ["batch", str(scans / "manifest.csv"), "--out", str(tmp_path / "dask"),
+                                           "--scheduler", cluster.scheduler_address, "--method", "hu",
+                                           "--device", "cpu", "--no-endpoints"])
+    assert on_dask.exit_code == 0, on_dask.output
+    assert "Dask scheduler tcp://" in on_dask.output and "[4/4]" in on_dask.output
+    local, dask = cohort(reference), cohort(tmp_path / "dask")  # reference: --workers 2
+    assert json.loads((reference / "batch.json").read_text())["executor"] == "2 local worker processes"
+    assert list(dask["status"]) == list(local["status"]) == ["ok"] * 4
+    columns = [c for c in local.columns if c not in ("output_dir", "seconds")]
+    assert set(MEASURE_COLUMNS) <= set(columns) and "arm" in columns
+    pd.testing.assert_frame_equal(dask[columns], local[columns])
+
+
+def test_dask_missing_gives_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    with pytest.raises(InputError, match=r"pip install 'ctquant\[dask\]'"):
+        batch.DaskExecutor("tcp://127.0.0.1:1")
+
+
+def test_progress_plain_lines(capsys):
+    progress = batch.make_progress(sys.stderr)  # not a terminal under pytest
+    assert isinstance(progress, batch.PlainProgress)
+    progress.start(2, 1, "in-process")
+    progress.advance(batch.ScanRecord("P1", "baseline", "x", "o", "ok", seconds=1.5))
+    progress.advance(batch.ScanRecord("P2", "baseline", "y", "o", "failed", exit_code=3, category="InputError",
+                                      reason="no such file or folder"))
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("ctquant batch: 2 scan(s) to quantify, 1 current")
+    assert "[1/2] P1/baseline ok 1.5 s" in err[1] and "eta" in err[1]
+    assert "[2/2] P2/baseline FAILED (exit 3, InputError): no such file or folder" in err[2]

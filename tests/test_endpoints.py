@@ -1,0 +1,679 @@
+"""Trial endpoints: reduction rule, bilateral scope, exact intervals, config validation, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from scipy.stats import beta
+from typer.testing import CliRunner
+
+from ctquant import endpoints as E
+from ctquant.cli import app
+from ctquant.errors import IncompatibleResults, InputError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+LUNG_ML = 3000.0  # equal lungs: the both-lung % is the mean of the two lungs' %
+runner = CliRunner()
+
+
+# --------------------------------------------------------------------------------------------------
+# Hand-made results
+
+
+def lung(ggo_pct: float, cons_pct: float = 0.0, lung_ml: float = LUNG_ML) -> dict:
+    return {
+        "lung_volume_ml": lung_ml,
+        "ggo_volume_ml": ggo_pct * lung_ml / 100,
+        "ggo_pct": ggo_pct,
+        "consolidation_volume_ml": cons_pct * lung_ml / 100,
+        "consolidation_pct": cons_pct,
+        "opacity_volume_ml": (ggo_pct + cons_pct) * lung_ml / 100,
+        "opacity_pct": ggo_pct + cons_pct,
+        "mean_lung_hu": -800.0,
+    }
+
+
+def measures(sid: str = "S01", tp: str = "baseline", right: float = 5.0, left: float = 5.0,
+             both: float | None = None, cons: float = 0.0, method: str = "model",
+             model_sha: str = "a" * 64, config_sha: str = "c" * 16, study_date: str = "20260101") -> dict:
+    """A measures.json mapping; ``both`` overrides the both-lung GGO % (else the mean of the lungs)."""
+    both_entry = lung((right + left) / 2 if both is None else both, cons, lung_ml=2 * LUNG_ML)
+    return {
+        "schema": "ctquant.measures/1",
+        "subject_id": sid,
+        "timepoint": tp,
+        "method": method,
+        "lungs": {"right": lung(right, cons), "left": lung(left, cons), "both": both_entry},
+        "bilateral": {"ggo": True, "consolidation": False, "opacity": True},
+        "flags": [],
+        "provenance": {"ctquant_version": "0.1.0", "method": method, "model_file": "lesion_model.pt",
+                       "model_sha256": model_sha, "config_sha256": config_sha, "config": {},
+                       "input": f"/data/{sid}/{tp}", "series_instance_uid": f"1.2.3.{sid}.{tp}",
+                       "study_date": study_date, "spacing_mm": [5.0, 0.7, 0.7], "created_utc": "x"},
+    }
+
+
+def write_result(folder: Path, m: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "measures.json").write_text(json.dumps(m))
+    return folder
+
+
+def endpoint(**overrides) -> E.Endpoint:
+    spec = dict(name="ggo", measure="ggo_pct", from_tp="baseline", to_tp="day14",
+                min_relative_decrease_pct=25.0, min_absolute_decrease=1.0)
+    spec.update(overrides)
+    return E.Endpoint(**spec)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, path
+    assert len(data) > 5000, f"{path} is only {len(data)} bytes"
+    from matplotlib.image import imread
+
+    image = imread(path)
+    assert image.shape[0] > 200 and image.shape[1] > 200
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+
+
+def test_shipped_config_defines_the_two_trial_endpoints():
+    config = E.load_endpoints()
+    by_name = {ep.name: ep for ep in config.endpoints}
+    assert set(by_name) == {"bilateral_ggo_reduction", "bilateral_infiltration_reduction"}
+    assert by_name["bilateral_ggo_reduction"].measure == "ggo_pct"
+    assert by_name["bilateral_infiltration_reduction"].measure == "opacity_pct"
+    for ep in config.endpoints:
+        assert (ep.from_tp, ep.to_tp, ep.scope, ep.evaluate) == ("baseline", "day14", "bilateral", "both")
+        assert (ep.min_relative_decrease_pct, ep.min_absolute_decrease) == (25.0, 1.0)
+        assert ep.bilateral_min_pct_of_lung == 0.5
+        assert ep.description
+    assert len(config.sha256) == 16 and config.sha256 == E.load_endpoints().sha256
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("endpoints:\n  - name: bad\n    measure: ggo_percent\n    from: baseline\n    to: day14\n"
+         "    reduction: {min_relative_decrease_pct: 25, min_absolute_decrease: 1}\n",
+         "endpoint 'bad': unknown measure 'ggo_percent'"),
+        ("endpoints:\n  - name: nofrom\n    measure: ggo_pct\n    to: day14\n"
+         "    reduction: {min_relative_decrease_pct: 25, min_absolute_decrease: 1}\n",
+         "endpoint 'nofrom': missing field 'from'"),
+        ("endpoints:\n  - name: norule\n    measure: ggo_pct\n    from: baseline\n    to: day14\n",
+         "endpoint 'norule': missing field 'reduction'"),
+        ("endpoints:\n  - name: halfrule\n    measure: ggo_pct\n    from: baseline\n    to: day14\n"
+         "    reduction: {min_relative_decrease_pct: 25}\n",
+         "endpoint 'halfrule': missing field 'reduction.min_absolute_decrease'"),
+        ("endpoints:\n  - measure: ggo_pct\n    from: baseline\n    to: day14\n"
+         "    reduction: {min_relative_decrease_pct: 25, min_absolute_decrease: 1}\n",
+         "endpoint #1: missing field 'name'"),
+        ("endpoints:\n  - name: typo\n    mesure: ggo_pct\n    from: baseline\n    to: day14\n"
+         "    reduction: {min_relative_decrease_pct: 25, min_absolute_decrease: 1}\n",
+         "endpoint 'typo': unknown field(s) mesure"),
+        ("endpoints:\n  - name: ev\n    measure: ggo_pct\n    from: baseline\n    to: day14\n"
+         "    evaluate: any\n    reduction: {min_relative_decrease_pct: 25, min_absolute_decrease: 1}\n",
+         "endpoint 'ev': evaluate must be one of both, each"),
+        ("endpoints:\n  - name: neg\n    measure: ggo_pct\n    from: baseline\n    to: day14\n"
+         "    reduction: {min_relative_decrease_pct: 25, min_absolute_decrease: -1}\n",
+         "endpoint 'neg': reduction.min_absolute_decrease must be between"),
+        ("endpoints:\n  - name: txt\n    measure: ggo_pct\n    from: baseline\n    to: day14\n"
+         "    reduction: {min_relative_decrease_pct: lots, min_absolute_decrease: 1}\n",
+         "endpoint 'txt': reduction.min_relative_decrease_pct must be a number"),
+        ("endpoints:\n  - name: same\n    measure: ggo_pct\n    from: day14\n    to: day14\n"
+         "    reduction: {min_relative_decrease_pct: 25, min_absolute_decrease: 1}\n",
+         "endpoint 'same': 'from' and 'to' are the same"),
+        ("defaults: {from: baseline, to: day14, reduction: {min_relative_decrease_pct: 25, min_absolute_decrease: 1}}\n"
+         "endpoints:\n  - {name: twice, measure: ggo_pct}\n  - {name: twice, measure: opacity_pct}\n",
+         "duplicate endpoint name(s): twice"),
+        ("endpoints: []\n", "'endpoints' must be a non-empty list"),
+    ],
+)
+def test_config_validation_names_file_and_endpoint(tmp_path, body, message):
+    path = tmp_path / "my_endpoints.yaml"
+    path.write_text(body)
+    with pytest.raises(InputError) as info:
+        E.load_endpoints(path)
+    assert message in str(info.value)
+    assert str(path) in str(info.value)
+    assert info.value.exit_code == 3
+
+
+def test_defaults_block_applies_and_endpoint_overrides(tmp_path):
+    path = tmp_path / "e.yaml"
+    path.write_text(
+        "defaults:\n  from: baseline\n  to: day14\n"
+        "  reduction: {min_relative_decrease_pct: 30, min_absolute_decrease: 2}\n"
+        "endpoints:\n"
+        "  - {name: a, measure: ggo_pct}\n"
+        "  - {name: b, measure: consolidation_volume_ml, to: day4, evaluate: each, scope: all,\n"
+        "     reduction: {min_absolute_decrease: 10}}\n")
+    a, b = E.load_endpoints(path).endpoints
+    assert (a.min_relative_decrease_pct, a.min_absolute_decrease, a.to_tp, a.evaluate) == (30, 2, "day14", "both")
+    assert (b.min_relative_decrease_pct, b.min_absolute_decrease, b.to_tp) == (30, 10, "day4")
+    assert (b.evaluate, b.scope, b.unit) == ("each", "all", "ml")
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def test_change():
+    ch = E.change(12.3, 6.1)
+    assert ch["abs_change"] == pytest.approx(-6.2)
+    assert ch["rel_change_pct"] == pytest.approx(-6.2 / 12.3 * 100)
+    assert E.change(0.0, 2.0) == {"baseline": 0.0, "follow_up": 2.0, "abs_change": 2.0, "rel_change_pct": None}
+    assert E.change(-800.0, -700.0)["rel_change_pct"] is None  # HU: no ratio
+    assert E.change(None, 3.0)["abs_change"] is None
+    assert E.change(4.0, 5.0)["rel_change_pct"] == pytest.approx(25.0)
+
+
+def test_is_bilateral_per_lung_with_minimum():
+    assert E.is_bilateral(measures(right=3.0, left=0.6), "ggo_pct", 0.5)
+    assert E.is_bilateral(measures(right=3.0, left=0.5), "ggo_pct", 0.5)  # at the threshold: involved
+    assert not E.is_bilateral(measures(right=3.0, left=0.49), "ggo_pct", 0.5)
+    assert not E.is_bilateral(measures(right=0.0, left=8.0), "ggo_pct", 0.0)  # 0 is never involved
+    # a volume measure is judged on the matching % of lung
+    assert E.is_bilateral(measures(right=3.0, left=0.6), "ggo_volume_ml", 0.5)
+    assert not E.is_bilateral(measures(right=3.0, left=0.4), "ggo_volume_ml", 0.5)
+    # infiltration counts consolidation too
+    assert E.is_bilateral(measures(right=3.0, left=0.2, cons=0.4), "opacity_pct", 0.5)
+
+
+def test_verdict_reduction_with_reason():
+    ep = endpoint()
+    v = E.reduction_verdict(ep, measures(right=13, left=11.6, both=12.3), measures(tp="day14", right=6, left=6.2, both=6.1))
+    assert v.evaluable and v.reduction is True and v.label == "reduction"
+    assert v.reason == ("GGO % of lung (both lungs) 12.3 → 6.1: −6.2 points (−50.4 %) "
+                        "≥ 1 point and ≥ 25 %: reduction")
+    assert v.changes["both"]["abs_change"] == pytest.approx(-6.2)
+    assert v.bilateral_at_baseline is True
+
+
+@pytest.mark.parametrize(
+    "before, after, expected, why",
+    [
+        (4.0, 3.0, True, "≥ 1 point and ≥ 25 %"),         # exactly at both thresholds: reduction
+        (4.0, 3.01, False, "decrease < 1 point and < 25 %"),  # −0.99 points, −24.75 %
+        (10.0, 7.5, True, "≥ 1 point and ≥ 25 %"),        # −2.5 points, −25 %
+        (10.0, 7.51, False, "decrease < 25 %"),            # −2.49 points (enough), −24.9 % (not)
+        (2.0, 1.0, True, "≥ 1 point and ≥ 25 %"),         # −1 point, −50 %
+        (2.0, 1.01, False, "decrease < 1 point"),          # −0.99 points (not), −49.5 % (enough)
+        (3.0, 3.0, False, "no decrease"),
+        (3.0, 4.5, False, "no decrease"),
+    ],
+)
+def test_threshold_just_under_and_just_over(before, after, expected, why):
+    v = E.reduction_verdict(endpoint(), measures(both=before), measures(tp="day14", both=after))
+    assert v.evaluable and v.reduction is expected
+    assert why in v.reason
+    assert v.reason.endswith(": reduction" if expected else ": no reduction")
+
+
+def test_unilateral_baseline_is_not_evaluable():
+    ep = endpoint()
+    v = E.reduction_verdict(ep, measures(right=9.0, left=0.2), measures(tp="day14", right=1.0, left=0.0))
+    assert not v.evaluable and v.reduction is None and v.label == "not evaluable"
+    assert v.reason.startswith("not bilateral at baseline: GGO % of lung right 9, left 0.2")
+    assert "≥ 0.5 %" in v.reason
+    # with scope "all" the same participant is evaluable (and reduced)
+    v = E.reduction_verdict(endpoint(scope="all"), measures(right=9.0, left=0.2), measures(tp="day14", right=1.0, left=0.0))
+    assert v.evaluable and v.reduction is True
+
+
+def test_missing_time_point_is_not_evaluable():
+    v = E.reduction_verdict(endpoint(), measures(), None)
+    assert not v.evaluable and v.reduction is None and v.reason == "no day14 result"
+    v = E.reduction_verdict(endpoint(), None, None)
+    assert v.reason == "no baseline result; no day14 result"
+
+
+def test_evaluate_each_lung_requires_reduction_in_both_lungs():
+    before, after = measures(right=10.0, left=2.0), measures(tp="day14", right=2.0, left=1.8)
+    # both lungs total: 6 → 1.9 is a reduction
+    assert E.reduction_verdict(endpoint(), before, after).reduction is True
+    v = E.reduction_verdict(endpoint(evaluate="each"), before, after)
+    assert v.evaluable and v.reduction is False
+    assert "(right lung) 10 → 2" in v.reason and "(left lung) 2 → 1.8" in v.reason
+    assert "not met in the left lung" in v.reason
+    v = E.reduction_verdict(endpoint(evaluate="each"), before, measures(tp="day14", right=2.0, left=1.0))
+    assert v.reduction is True and v.reason.endswith("reduction in each lung")
+
+
+def test_volume_endpoint_uses_millilitres():
+    ep = endpoint(measure="ggo_volume_ml", min_absolute_decrease=50.0)
+    v = E.reduction_verdict(ep, measures(right=4.0, left=4.0), measures(tp="day14", right=3.0, left=3.0))
+    # 240 ml → 180 ml in each lung; both: 240 → 180 (−60 ml, −25 %)
+    assert v.reduction is True and "−60 ml" in v.reason and "≥ 50 ml" in v.reason
+
+
+def exact_cp(k: int, n: int) -> tuple[float, float]:
+    """Clopper-Pearson from the beta quantiles, independently of statsmodels."""
+    lo = 0.0 if k == 0 else beta.ppf(0.025, k, n - k + 1)
+    hi = 1.0 if k == n else beta.ppf(0.975, k + 1, n - k)
+    return lo, hi
+
+
+@pytest.mark.parametrize("k", range(10))
+def test_clopper_pearson_matches_beta_quantiles(k):
+    assert E.clopper_pearson(k, 9) == pytest.approx(exact_cp(k, 9), abs=1e-10)
+
+
+def test_clopper_pearson_known_values():
+    assert E.clopper_pearson(0, 9) == pytest.approx((0.0, 0.3363), abs=5e-5)
+    assert E.clopper_pearson(9, 9) == pytest.approx((0.6637, 1.0), abs=5e-5)
+    assert E.clopper_pearson(4, 9) == pytest.approx((0.1370, 0.7880), abs=5e-5)
+    # 0/9 upper bound in closed form: 1 - 0.025 ** (1/9)
+    assert E.clopper_pearson(0, 9)[1] == pytest.approx(1 - 0.025 ** (1 / 9))
+    with pytest.raises(ValueError):
+        E.clopper_pearson(0, 0)
+
+
+@pytest.mark.parametrize("k", [0, 4, 9])
+def test_cohort_summary(k):
+    ep = endpoint()
+    rows = [{"subject_id": f"S{i}", "endpoint": "ggo", "evaluable": True, "reduction": i < k, "reason": "r"}
+            for i in range(9)]
+    rows.append({"subject_id": "S9", "endpoint": "ggo", "evaluable": False, "reduction": None,
+                 "reason": "no day14 scan in the manifest"})
+    rows.append({"subject_id": "S0", "endpoint": "other", "evaluable": True, "reduction": True, "reason": ""})
+    s = E.cohort_summary(rows, ep)
+    assert (s["n_subjects"], s["n_evaluable"], s["n_reduction"]) == (10, 9, k)
+    assert s["pct_reduction"] == round(100 * k / 9, 2)
+    lo, hi = exact_cp(k, 9)
+    assert s["ci95"] == pytest.approx([lo, hi], abs=1e-10)
+    assert (s["ci95_low_pct"], s["ci95_high_pct"]) == (round(100 * lo, 2), round(100 * hi, 2))
+    assert s["not_evaluable"] == [{"subject_id": "S9", "reason": "no day14 scan in the manifest"}]
+
+
+def test_cohort_summary_without_evaluable_participants():
+    s = E.cohort_summary([{"subject_id": "S1", "endpoint": "ggo", "evaluable": False, "reduction": None,
+                           "reason": "x"}], endpoint())
+    assert s["n_evaluable"] == 0 and s["pct_reduction"] is None and s["ci95"] == [None, None]
+
+
+def test_load_measures_rejects_incomplete_results(tmp_path):
+    m = measures()
+    del m["lungs"]["left"]["ggo_pct"]
+    path = write_result(tmp_path / "r", m)
+    with pytest.raises(InputError, match="lungs.left.ggo_pct is missing"):
+        E.load_measures(path)
+    (tmp_path / "r" / "measures.json").write_text(json.dumps({**measures(), "schema": "other/2"}))
+    with pytest.raises(InputError, match="unsupported result schema"):
+        E.load_measures(path)
+    m = measures()
+    m["lungs"]["right"]["mean_lung_hu"] = float("nan")  # quantify writes NaN when a lung is empty
+    (tmp_path / "r" / "measures.json").write_text(json.dumps(m))
+    assert E.load_measures(path)["subject_id"] == "S01"
+
+
+# --------------------------------------------------------------------------------------------------
+# ctquant compare
+
+
+def test_compare_cli_on_result_folders(tmp_path):
+    a = write_result(tmp_path / "a", measures(right=13.0, left=11.6, both=12.3, study_date="20260101"))
+    b = write_result(tmp_path / "b", measures(tp="day14", right=6.0, left=6.2, both=6.1, study_date="20260115"))
+    out = tmp_path / "cmp"
+    result = runner.invoke(app, ["compare", str(a), str(b / "measures.json"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "bilateral_ggo_reduction" in result.output
+
+    rows = read_csv(out / "comparison.csv")
+    assert len(rows) == len(E.MEASURES) * 3
+    ggo_both = next(r for r in rows if r["measure"] == "ggo_pct" and r["lung"] == "both")
+    assert (ggo_both["from_timepoint"], ggo_both["to_timepoint"]) == ("baseline", "day14")
+    assert float(ggo_both["from_value"]) == 12.3 and float(ggo_both["to_value"]) == 6.1
+    assert float(ggo_both["abs_change"]) == pytest.approx(-6.2)
+    assert float(ggo_both["rel_change_pct"]) == pytest.approx(-50.41, abs=0.01)
+    ggo_right = next(r for r in rows if r["measure"] == "ggo_pct" and r["lung"] == "right")
+    assert float(ggo_right["abs_change"]) == pytest.approx(-7.0)
+
+    verdicts = {r["endpoint"]: r for r in read_csv(out / "verdicts.csv")}
+    assert verdicts["bilateral_ggo_reduction"]["verdict"] == "reduction"
+    assert "12.3 → 6.1: −6.2 points (−50.4 %) ≥ 1 point and ≥ 25 %: reduction" in verdicts["bilateral_ggo_reduction"]["reason"]
+    assert verdicts["bilateral_infiltration_reduction"]["verdict"] == "reduction"
+
+    doc = json.loads((out / "comparison.json").read_text())
+    assert doc["schema"] == "ctquant.comparison/1" and doc["subject_id"] == "S01"
+    assert doc["days_between"] == 14 and doc["mismatch"] == []
+    assert {e["endpoint"] for e in doc["endpoints"]} == {"bilateral_ggo_reduction", "bilateral_infiltration_reduction"}
+    prov = doc["provenance"]
+    assert prov["endpoints_config_sha256"] == E.load_endpoints().sha256
+    assert prov["ctquant_version"]
+    assert prov["results"]["baseline"]["model_sha256"] == "a" * 64
+    assert not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("field", ["method", "model_sha", "config_sha"])
+def test_compare_refuses_mismatched_results(tmp_path, field):
+    other = {"method": "hu", "model_sha": "b" * 64, "config_sha": "d" * 16}[field]
+    a = write_result(tmp_path / "a", measures())
+    b = write_result(tmp_path / "b", measures(tp="day14", right=1.0, left=1.0, **{field: other}))
+    out = tmp_path / "cmp"
+    result = runner.invoke(app, ["compare", str(a), str(b), "--out", str(out)])
+    assert result.exit_code == 9, result.output
+    assert "--allow-mismatch" in result.output
+    assert not (out / "comparison.json").exists()
+
+    result = runner.invoke(app, ["compare", str(a), str(b), "--out", str(out), "--allow-mismatch"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "comparison.json").read_text())
+    recorded = {m["field"] for m in doc["mismatch"]}
+    assert recorded == {{"method": "method", "model_sha": "model_sha256", "config_sha": "config_sha256"}[field]}
+    assert doc["provenance"]["allow_mismatch"] is True
+    assert any("made differently" in n for n in doc["notes"])
+    verdict = read_csv(out / "verdicts.csv")[0]
+    assert verdict["mismatch"]
+
+
+def test_compare_refuses_different_subjects(tmp_path):
+    a = write_result(tmp_path / "a", measures(sid="S01"))
+    b = write_result(tmp_path / "b", measures(sid="S02", tp="day14"))
+    with pytest.raises(IncompatibleResults, match="subject_id S01 vs S02"):
+        E.run_compare(a, b, tmp_path / "cmp")
+
+
+def test_compare_unmatched_time_points_writes_table_only(tmp_path):
+    a = write_result(tmp_path / "a", measures())
+    b = write_result(tmp_path / "b", measures(tp="day4", right=1.0, left=1.0))
+    doc = E.run_compare(a, b, tmp_path / "cmp")
+    assert doc["to_timepoint"] == "day4" and doc["endpoints"] == []
+    assert len(read_csv(tmp_path / "cmp" / "comparison.csv")) == len(E.MEASURES) * 3
+    # --to relabels; then the day-14 endpoints apply
+    doc = E.run_compare(a, b, tmp_path / "cmp2", to_tp="day14")
+    assert len(doc["endpoints"]) == 2
+
+
+class FakePipeline:
+    """Stands in for ``ctquant.pipeline``: writes a measures folder per call, or fails on request."""
+
+    def __init__(self, values: dict[tuple[str, str], dict], fail: set[tuple[str, str]] = frozenset()):
+        self.values, self.fail, self.calls = values, fail, []
+
+    def quantify_to_dir(self, input_path, out_dir, *, method="model", device="auto", subject_id=None,
+                        timepoint=None, config_path=None, **_):
+        self.calls.append({"input": str(input_path), "out": str(out_dir), "method": method,
+                           "subject_id": subject_id, "timepoint": timepoint})
+        if (subject_id, timepoint) in self.fail:
+            raise InputError("not a CT series", input_path)
+        m = self.values[(subject_id, timepoint)]
+        write_result(Path(out_dir), m)
+        return m
+
+    def install(self, monkeypatch):
+        module = types.ModuleType("ctquant.pipeline")
+        module.quantify_to_dir = self.quantify_to_dir
+        monkeypatch.setitem(sys.modules, "ctquant.pipeline", module)
+        return self
+
+
+def test_compare_quantifies_scan_inputs(tmp_path, monkeypatch):
+    fake = FakePipeline({("P7", "baseline"): measures(sid="P7", right=8, left=6),
+                         ("P7", "day14"): measures(sid="P7", tp="day14", right=7.5, left=5.8)}).install(monkeypatch)
+    scans = tmp_path / "dicom"
+    for name in ("b", "f"):
+        (scans / name).mkdir(parents=True)
+    out = tmp_path / "cmp"
+    result = runner.invoke(app, ["compare", str(scans / "b"), str(scans / "f"), "--out", str(out),
+                                 "--subject", "P7", "--method", "hu"])
+    assert result.exit_code == 0, result.output
+    assert [(c["timepoint"], c["method"], Path(c["out"]).name) for c in fake.calls] == [
+        ("baseline", "hu", "baseline"), ("day14", "hu", "day14")]
+    assert (out / "baseline" / "measures.json").exists() and (out / "day14" / "measures.json").exists()
+    verdicts = {r["endpoint"]: r for r in read_csv(out / "verdicts.csv")}
+    # 7 → 6.65: −0.35 points, −5 %
+    assert verdicts["bilateral_ggo_reduction"]["verdict"] == "no reduction"
+    assert "decrease < 1 point and < 25 %" in verdicts["bilateral_ggo_reduction"]["reason"]
+
+
+def test_compare_missing_input_is_an_input_error(tmp_path):
+    a = write_result(tmp_path / "a", measures())
+    result = runner.invoke(app, ["compare", str(a), str(tmp_path / "nope.nii.gz"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 3
+    assert "nope.nii.gz" in result.output
+
+
+# --------------------------------------------------------------------------------------------------
+# ctquant endpoints (cohort)
+
+#: A 10-participant cohort (GGO: 8 evaluable, 4 with reduction; S09 unilateral, S10 without day 14).
+COHORT = {
+    # subject: (baseline right, left, day14 right, left) GGO %
+    "S01": (10.0, 8.0, 4.0, 3.0),   # 9 → 3.5: reduction
+    "S02": (6.0, 6.0, 2.0, 2.0),    # 6 → 2: reduction
+    "S03": (4.0, 4.0, 3.0, 3.0),    # 4 → 3: exactly −1 point, −25 %: reduction
+    "S04": (4.0, 4.0, 3.01, 3.01),  # 4 → 3.01: just under: no reduction
+    "S05": (20.0, 10.0, 12.0, 8.0),  # 15 → 10: reduction
+    "S06": (3.0, 3.0, 3.5, 3.5),    # increase
+    "S07": (2.0, 2.0, 1.6, 1.6),    # −0.4 points: no reduction
+    "S08": (12.0, 12.0, 9.6, 9.6),  # −2.4 points but −20 %: no reduction
+    "S09": (9.0, 0.1, 2.0, 0.0),    # unilateral at baseline: not evaluable
+    "S10": (5.0, 5.0, None, None),  # no day 14
+}
+
+
+def cohort_results(tmp_path: Path, subjects=("S01", "S02", "S03", "S04", "S05", "S06", "S07", "S08", "S09", "S10"),
+                   **kw) -> tuple[Path, Path]:
+    """Results folders ``<results>/<subject>/<tp>/`` and a manifest listing them (with day2 rows)."""
+    results = tmp_path / "results"
+    lines = ["subject_id,timepoint,input,arm,site"]
+    for i, sid in enumerate(subjects):
+        br, bl, fr, fl = COHORT[sid]
+        arm = "active" if i % 2 == 0 else "placebo"
+        write_result(results / sid / "baseline", measures(sid=sid, right=br, left=bl, cons=0.5, **kw))
+        lines.append(f"{sid},baseline,scans/{sid}_b,{arm},site-{i % 3}")
+        lines.append(f"{sid},day2,scans/{sid}_d2,{arm},site-{i % 3}")
+        if fr is not None:
+            write_result(results / sid / "day14", measures(sid=sid, tp="day14", right=fr, left=fl, cons=0.5,
+                                                           study_date="20260115", **kw))
+            lines.append(f"{sid},day14,scans/{sid}_d14,{arm},site-{i % 3}")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest, results
+
+
+@pytest.fixture()
+def no_pipeline(monkeypatch):
+    """Any attempt to quantify fails the test (every result must be reused)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"unexpected quantification of {args}")
+    module = types.ModuleType("ctquant.pipeline")
+    module.quantify_to_dir = refuse
+    monkeypatch.setitem(sys.modules, "ctquant.pipeline", module)
+
+
+def test_endpoints_cli_end_to_end(tmp_path, no_pipeline):
+    manifest, results = cohort_results(tmp_path)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["endpoints", str(manifest), "--out", str(out), "--results", str(results)])
+    assert result.exit_code == 0, result.output
+    assert "bilateral_ggo_reduction" in result.output
+
+    cohort = {r["endpoint"]: r for r in read_csv(out / "endpoints.csv")}
+    ggo = cohort["bilateral_ggo_reduction"]
+    assert (ggo["n_subjects"], ggo["n_evaluable"], ggo["n_reduction"]) == ("10", "8", "4")
+    lo, hi = exact_cp(4, 8)
+    assert float(ggo["pct_reduction"]) == 50.0
+    assert float(ggo["ci95_low_pct"]) == pytest.approx(100 * lo, abs=0.006)
+    assert float(ggo["ci95_high_pct"]) == pytest.approx(100 * hi, abs=0.006)
+    assert "S09: not bilateral at baseline" in ggo["not_evaluable"]
+    assert "S10: no day14 scan in the manifest" in ggo["not_evaluable"]
+    assert ggo["endpoints_config_sha256"] == E.load_endpoints().sha256
+    # infiltration = GGO + 0.5 % consolidation per lung: S09's left lung is 0.6 % → bilateral, 5.05 → 1.5
+    # (reduction); S03 4.5 → 3.5 is −22 %: no reduction (unlike its GGO); S01, S02, S05 reduce.
+    infl = cohort["bilateral_infiltration_reduction"]
+    assert (infl["n_evaluable"], infl["n_reduction"]) == ("9", "4")
+    assert "S10: no day14 scan in the manifest" == infl["not_evaluable"]
+
+    subjects = read_csv(out / "subjects.csv")
+    assert len(subjects) == 2 * 10
+    by = {(r["endpoint"], r["subject_id"]): r for r in subjects}
+    s03 = by[("bilateral_ggo_reduction", "S03")]
+    assert s03["verdict"] == "reduction" and "4 → 3: −1 point (−25 %) ≥ 1 point and ≥ 25 %" in s03["reason"]
+    s04 = by[("bilateral_ggo_reduction", "S04")]
+    assert s04["verdict"] == "no reduction" and s04["reduction"] == "False"
+    assert float(s04["both_abs_change"]) == pytest.approx(-0.99)
+    assert by[("bilateral_ggo_reduction", "S09")]["verdict"] == "not evaluable"
+    assert by[("bilateral_ggo_reduction", "S10")]["reason"] == "no day14 scan in the manifest"
+    assert by[("bilateral_ggo_reduction", "S10")]["both_from"] == "5.0"  # baseline value kept
+    assert by[("bilateral_ggo_reduction", "S01")]["arm"] == "active"     # extra manifest columns kept
+    assert by[("bilateral_ggo_reduction", "S02")]["site"] == "site-1"
+    assert by[("bilateral_ggo_reduction", "S01")]["days_between"] == "14"
+
+    doc = json.loads((out / "endpoints.json").read_text())
+    assert doc["failures"] == [] and doc["mismatch"] == []
+    summary = {s["endpoint"]: s for s in doc["endpoints"]}["bilateral_ggo_reduction"]
+    assert summary["ci95"] == pytest.approx(list(exact_cp(4, 8)), abs=1e-10)
+    prov = doc["provenance"]
+    assert prov["ctquant_version"] and prov["endpoints_config_sha256"] == E.load_endpoints().sha256
+    assert len(prov["manifest_sha256"]) == 64
+    assert {s["status"] for s in prov["scans"]} == {"reused"}
+    assert not any(s["timepoint"] == "day2" for s in prov["scans"])  # unused time points not run
+
+    for name in ("bilateral_ggo_reduction", "bilateral_infiltration_reduction"):
+        assert_png(out / f"trajectory_{name}.png")
+        assert_png(out / f"waterfall_{name}.png")
+    assert not (out / "failures.csv").exists()
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_endpoints_all_and_none_reduced(tmp_path, no_pipeline):
+    subjects = ("S01", "S02", "S03", "S05")
+    manifest, results = cohort_results(tmp_path, subjects)
+    out = tmp_path / "out"
+    doc = E.run_endpoints(manifest, out, results_dir=results)
+    ggo = {s["endpoint"]: s for s in doc["endpoints"]}["bilateral_ggo_reduction"]
+    assert (ggo["n_evaluable"], ggo["n_reduction"]) == (4, 4)
+    assert ggo["ci95"] == pytest.approx(list(exact_cp(4, 4)), abs=1e-10) and ggo["ci95"][1] == 1.0
+
+    manifest, results = cohort_results(tmp_path / "b", ("S04", "S06", "S07", "S08"))
+    doc = E.run_endpoints(manifest, tmp_path / "b" / "out", results_dir=results)
+    ggo = {s["endpoint"]: s for s in doc["endpoints"]}["bilateral_ggo_reduction"]
+    assert (ggo["n_evaluable"], ggo["n_reduction"], ggo["ci95"][0]) == (4, 0, 0.0)
+
+
+def test_yaml_added_endpoint_is_picked_up(tmp_path, no_pipeline):
+    manifest, results = cohort_results(tmp_path, ("S01", "S02", "S06"))
+    # day 2 results exist too: the new endpoint compares baseline with day 2
+    for sid, (r, l) in {"S01": (9.0, 7.0), "S02": (6.0, 6.0), "S06": (1.0, 1.0)}.items():
+        write_result(results / sid / "day2", measures(sid=sid, tp="day2", right=r, left=l, cons=0.5))
+    config = tmp_path / "mine.yaml"
+    config.write_text(E.DEFAULT_CONFIG.read_text() + """
+  - name: early_consolidation_volume
+    description: consolidation volume down by 10 % and 20 ml by day 2, whatever the scope
+    measure: consolidation_volume_ml
+    to: day2
+    scope: all
+    reduction: {min_relative_decrease_pct: 10, min_absolute_decrease: 20}
+
+  - name: ggo_day2_each_lung
+    measure: ggo_pct
+    to: day2
+    evaluate: each
+""")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["endpoints", str(manifest), "--out", str(out), "--results", str(results),
+                                 "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    cohort = {r["endpoint"]: r for r in read_csv(out / "endpoints.csv")}
+    assert set(cohort) == {"bilateral_ggo_reduction", "bilateral_infiltration_reduction",
+                           "early_consolidation_volume", "ggo_day2_each_lung"}
+    # consolidation is 0.5 % at every time point: no participant reduces it
+    assert (cohort["early_consolidation_volume"]["n_evaluable"], cohort["early_consolidation_volume"]["n_reduction"]) == ("3", "0")
+    # GGO baseline → day 2, each lung: S01 (10, 8) → (9, 7) no; S02 (6, 6) → (6, 6) no; S06 (3, 3) → (1, 1) yes
+    each = cohort["ggo_day2_each_lung"]
+    assert (each["to"], each["evaluate"], each["n_evaluable"], each["n_reduction"]) == ("day2", "each", "3", "1")
+    assert_png(out / "waterfall_early_consolidation_volume.png")
+    assert_png(out / "trajectory_ggo_day2_each_lung.png")
+    doc = json.loads((out / "endpoints.json").read_text())
+    assert doc["provenance"]["endpoints_config"] == str(config)
+    assert doc["provenance"]["endpoints_config_sha256"] != E.load_endpoints().sha256
+
+
+def test_endpoints_quantifies_missing_results_and_reports_failures(tmp_path, monkeypatch):
+    manifest, results = cohort_results(tmp_path, ("S01", "S02", "S03"))
+    values = {(sid, tp): json.loads((results / sid / tp / "measures.json").read_text())
+              for sid in ("S01", "S02", "S03") for tp in ("baseline", "day14")}
+    fake = FakePipeline(values, fail={("S02", "baseline")}).install(monkeypatch)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["endpoints", str(manifest), "--out", str(out), "--method", "model"])
+    assert result.exit_code == 8, result.output
+    assert len(fake.calls) == 6  # day2 rows are not quantified
+    assert fake.calls[0] == {"input": str(tmp_path / "scans" / "S01_b"), "out": str(out / "scans" / "S01" / "baseline"),
+                             "method": "model", "subject_id": "S01", "timepoint": "baseline"}
+    failures = read_csv(out / "failures.csv")
+    assert [(f["subject_id"], f["timepoint"]) for f in failures] == [("S02", "baseline")]
+    assert "not a CT series" in failures[0]["error"]
+    ggo = {r["endpoint"]: r for r in read_csv(out / "endpoints.csv")}["bilateral_ggo_reduction"]
+    assert (ggo["n_evaluable"], ggo["n_reduction"]) == ("2", "2")
+    assert "S02: baseline scan failed:" in ggo["not_evaluable"]
+
+    # a second run reuses what was quantified and retries only the failed scan
+    fake.fail, fake.calls = set(), []
+    result = runner.invoke(app, ["endpoints", str(manifest), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert [(c["subject_id"], c["timepoint"]) for c in fake.calls] == [("S02", "baseline")]
+    assert not (out / "failures.csv").exists()
+    statuses = {(s["subject_id"], s["timepoint"]): s["status"]
+                for s in json.loads((out / "endpoints.json").read_text())["provenance"]["scans"]}
+    assert statuses[("S02", "baseline")] == "quantified" and statuses[("S01", "day14")] == "reused"
+
+
+def test_endpoints_refuses_mixed_models_in_cohort(tmp_path, no_pipeline):
+    manifest, results = cohort_results(tmp_path, ("S01", "S02"))
+    write_result(results / "S02" / "day14", measures(sid="S02", tp="day14", right=2, left=2, model_sha="f" * 64))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["endpoints", str(manifest), "--out", str(out), "--results", str(results)])
+    assert result.exit_code == 9, result.output
+    assert not (out / "endpoints.csv").exists()
+    result = runner.invoke(app, ["endpoints", str(manifest), "--out", str(out), "--results", str(results),
+                                 "--allow-mismatch"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "endpoints.json").read_text())
+    assert len(doc["mismatch"]) == 2 and doc["provenance"]["allow_mismatch"] is True
+    s02 = [r for r in read_csv(out / "subjects.csv") if r["subject_id"] == "S02"][0]
+    assert s02["mismatch"] == "model_sha256"
+
+
+def test_endpoints_outputs_are_all_or_nothing(tmp_path, no_pipeline, monkeypatch):
+    manifest, results = cohort_results(tmp_path, ("S01", "S02"))
+    out = tmp_path / "out"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("plot failed")
+
+    monkeypatch.setattr(E, "plot_waterfall", broken)
+    with pytest.raises(RuntimeError):
+        E.run_endpoints(manifest, out, results_dir=results)
+    assert sorted(p.name for p in out.iterdir()) == []  # no csv, json, png, nor temporary file
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("subject_id,input\nS01,x\n", "lacks column(s) timepoint"),
+        ("subject_id,timepoint,input\nS01,baseline,a\nS01,baseline,b\n", "S01 has two rows for time point baseline"),
+        ("subject_id,timepoint,input\n../S01,baseline,a\n", "may not be a path"),
+        ("subject_id,timepoint,input\n", "manifest has no rows"),
+    ],
+)
+def test_bad_manifest_is_an_input_error(tmp_path, content, message):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(content)
+    result = runner.invoke(app, ["endpoints", str(manifest), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 3, result.output
+    assert message in result.output and str(manifest) in result.output
