@@ -68,9 +68,9 @@ import uuid
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Protocol, Sequence, TextIO
+from typing import Any, Iterator, Mapping, Optional, Protocol, Sequence, TextIO
 
 from . import __version__
 from .config import config_hash, file_sha256, load_quantify_config
@@ -352,8 +352,10 @@ def plan(rows: Sequence[ManifestRow], out_dir: str | Path, settings: BatchSettin
          force: bool = False) -> tuple[list[ScanTask], list[ScanRecord]]:
     """Split the manifest into scans to quantify and scans whose results are current (skipped).
 
-    A result that is to be redone because it is *not* current loses its ``measures.json`` now, so a
-    failed or interrupted redo never leaves an outdated result that looks complete.
+    A result that is to be redone because it is *not* current (input, config, model or method
+    changed) loses its ``measures.json`` now, so a failed or interrupted redo never leaves an outdated
+    result that looks complete. Results whose input is missing or unreadable are left alone (an
+    unmounted share must not cost every result); those scans fail and are retried next time.
     """
     out_dir = Path(out_dir).resolve()
     todo: list[ScanTask] = []
@@ -367,7 +369,7 @@ def plan(rows: Sequence[ManifestRow], out_dir: str | Path, settings: BatchSettin
             skipped.append(ScanRecord(row.subject_id, row.timepoint, row.input, str(target), "skipped",
                                       measures=measures))
             continue
-        if not current and (target / "measures.json").is_file():
+        if not current and fingerprint is not None and (target / "measures.json").is_file():
             log.info("%s/%s: outdated result (%s), recomputing", row.subject_id, row.timepoint, why)
             (target / "measures.json").unlink()
         todo.append(ScanTask(row.subject_id, row.timepoint, row.input, str(target), settings,
@@ -524,7 +526,8 @@ def available_cpus() -> int:
 class ProcessExecutor:
     """A local pool of ``workers`` processes (forkserver start, safe with threads in the parent).
 
-    A worker that dies (killed, out of memory) breaks the pool; the unfinished scans are retried once
+    Each worker uses ``cpu_count // workers`` torch/ITK/BLAS threads (unless the settings say). A
+    worker that dies (killed, out of memory) breaks the pool; the unfinished scans are retried once
     in a fresh pool and then recorded as failed.
     """
 
@@ -541,7 +544,9 @@ class ProcessExecutor:
             self._context = multiprocessing.get_context("spawn")
 
     def run(self, tasks: Sequence[ScanTask]) -> Iterator[ScanRecord]:
-        pending = list(tasks)
+        threads = max(1, available_cpus() // self.workers)
+        pending = [t if t.settings.torch_threads else replace(t, settings=replace(t.settings, torch_threads=threads))
+                   for t in tasks]
         while pending:
             settings = pending[0].settings
             pool = ProcessPoolExecutor(max_workers=min(self.workers, len(pending)), mp_context=self._context,
@@ -570,8 +575,7 @@ class ProcessExecutor:
 
 
 def _retry(task: ScanTask) -> ScanTask:
-    return ScanTask(task.subject_id, task.timepoint, task.input, task.output_dir, task.settings,
-                    task.series_uid, task.fingerprint, task.attempt + 1)
+    return replace(task, attempt=task.attempt + 1)
 
 
 def _import_distributed():
@@ -916,8 +920,6 @@ def run_batch(manifest: str | Path, out_dir: str | Path, *, method: str = "model
         from .pipeline import resolve_device
 
         resolve_device(device)  # --device cuda without a GPU: fail once, not per scan
-        if workers > 1:
-            settings = BatchSettings(**{**asdict(settings), "torch_threads": max(1, available_cpus() // workers)})
     check_paths(rows, out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -32,14 +32,10 @@ from typing import Any, Iterator
 import numpy as np
 import pydicom
 import SimpleITK as sitk
-from pydicom.errors import InvalidDicomError
 
 from .errors import CalibrationError, GeometryError, InputError
 
 log = logging.getLogger(__name__)
-#: Errors pydicom raises on malformed files (besides InvalidDicomError).
-_PARSE_ERRORS = (InvalidDicomError, EOFError, OSError, ValueError, TypeError, AttributeError, KeyError,
-                 IndexError, struct.error, OverflowError)
 
 
 @dataclass
@@ -99,6 +95,8 @@ MAX_VOLUME_BYTES = 4 * 1024**3
 MAX_MATRIX = 4096
 #: Relative deviation of a slice gap from the median gap above which the series is refused.
 SLICE_GAP_TOLERANCE = 0.1
+#: Range of RescaleSlope accepted for CT (usually 1; stored values of 8 to 32 bits map to HU).
+MIN_RESCALE_SLOPE, MAX_RESCALE_SLOPE = 1e-3, 1e3
 #: Transfer syntaxes newer than pydicom's dictionary, named in error messages.
 _SYNTAX_NAMES = {
     "1.2.840.10008.1.2.4.110": "JPEG XL Lossless",
@@ -449,6 +447,12 @@ class _Slice:
     pixels: np.ndarray  # (rows, cols) stored values
     header: pydicom.Dataset
 
+    @property
+    def pixel_format(self) -> tuple[Any, ...]:
+        """(BitsAllocated, BitsStored, PixelRepresentation): the same for every slice of a series."""
+        return tuple(_as_int(_tag(self.header, name)) for name in ("BitsAllocated", "BitsStored",
+                                                                    "PixelRepresentation"))
+
 
 def _check_size(ds: pydicom.Dataset, path: Path) -> tuple[int, int, int]:
     """Refuse pixel formats that are not a CT slice, and sizes too large, before decoding anything.
@@ -537,6 +541,9 @@ def _rescale(source: Any, path: Path, where: str = "") -> tuple[float, float]:
         out.append(value)
     if out[0] == 0:
         raise CalibrationError(f"{where}RescaleSlope is 0", path)
+    if not MIN_RESCALE_SLOPE <= out[0] <= MAX_RESCALE_SLOPE:
+        raise CalibrationError(f"{where}implausible RescaleSlope {out[0]:g} for CT (expected "
+                               f"{MIN_RESCALE_SLOPE:g} to {MAX_RESCALE_SLOPE:g})", path)
     return out[0], out[1]
 
 
@@ -640,6 +647,9 @@ def _order_slices(slices: list[_Slice], root: Path) -> tuple[list[_Slice], float
         if not np.allclose(s.pixel_spacing, first.pixel_spacing, rtol=1e-3):
             raise GeometryError(f"mixed pixel spacing in one series: {list(s.pixel_spacing)} vs "
                                 f"{list(first.pixel_spacing)}", s.path)
+        if s.pixel_format != first.pixel_format:
+            raise InputError("mixed pixel formats in one series (BitsAllocated, BitsStored, PixelRepresentation): "
+                             f"{s.pixel_format} vs {first.pixel_format}", s.path)
     row, col = np.asarray(first.orientation[:3]), np.asarray(first.orientation[3:])
     normal = np.cross(row, col)
     normal /= np.linalg.norm(normal)
@@ -743,11 +753,30 @@ def load_dicom_series(root: str | Path, series_uid: str | None = None) -> Scan:
         raise GeometryError(f"invalid geometry: {_first_line(exc)}", root) from None
     meta = _series_meta(info, first.header, root)
     meta["source_files"] = [str(s.path) for s in slices]
+    _check_rescale_groups(slices, hu)
     del hu
     scan = _scan_from_image(image, meta, root)
     check_hounsfield(scan.hu, root)
     scan.source_datasets = [s.header for s in slices] if scan.meta["reoriented_from"] is None else []
     return scan
+
+
+def _check_rescale_groups(slices: list[_Slice], hu: np.ndarray) -> None:
+    """Slices with their own rescale (slope, intercept) must each be in HU on their own.
+
+    The whole volume's check would not see one slice with a wrong intercept among many good ones.
+    """
+    groups: dict[tuple[float, float], list[int]] = {}
+    for k, s in enumerate(slices):
+        groups.setdefault((s.slope, s.intercept), []).append(k)
+    if len(groups) < 2:
+        return
+    for (slope, intercept), ks in groups.items():
+        try:
+            check_hounsfield(hu[ks])
+        except CalibrationError as exc:
+            raise CalibrationError(f"slice(s) with RescaleSlope {slope:g} and RescaleIntercept {intercept:g}: "
+                                   f"{exc.reason}", slices[ks[0]].path) from None
 
 
 def _scan_from_image(image: sitk.Image, meta: dict[str, Any], path: Path | None = None) -> Scan:
@@ -984,7 +1013,7 @@ def check_hounsfield(hu: np.ndarray, path: str | Path | None = None) -> None:
     if 0 <= lo and hi <= 255:
         hint = f"values span {lo}..{hi}: an 8-bit windowed export?"
     elif -100 <= air <= 100 and lo >= -100:
-        hint = "stored values without the rescale to HU (RescaleIntercept missing?)"
+        hint = "stored values, not HU (RescaleIntercept missing or wrong?)"
     else:
         hint = "not Hounsfield units"
     raise CalibrationError(f"air measures {air:.0f} instead of about -1000 HU: {hint}", path)

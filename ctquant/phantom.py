@@ -81,7 +81,7 @@ BRONCHUS_R_MM = {1: 6.5, 2: 5.5}
 HILUM_ARTERY_MM = {1: (-36.0, 1.0, 20.0), 2: (40.0, 7.0, 28.0)}
 HILUM_VEIN_MM = {1: (-33.0, 12.0, -2.0), 2: (36.0, 18.0, 4.0)}
 HILAR_RADIUS_MM = 4.0  # vessels at least this thick are hilar (outside the lung label)
-COARSE_STEP_MM, COARSE_HALF_MM = 3.0, 201.0
+COARSE_STEP_MM, COARSE_HALF_XY_MM, COARSE_HALF_Z_MM = 3.0, 186.0, 150.0  # lesion field grid
 
 SAMPLE_SHAPE_ZYX = (54, 192, 192)
 SAMPLE_SPACING_MM = (5.0, 1.8, 1.8)
@@ -586,48 +586,49 @@ def _lesion_fractions(severity: float, timepoint: str) -> tuple[float, float]:
 
 
 @functools.lru_cache(maxsize=2)
-def _coarse_fields(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Lesion propensity and a lesion texture on a fixed 3 mm grid (z, y, x) over ±201 mm.
+def _coarse_fields(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Lesion propensity and a lesion texture on a fixed 3 mm grid (z, y, x) around the lungs.
 
     The propensity is higher near the chest wall and diaphragm (subpleural), posteriorly
     (dependent) and inferiorly, plus a smooth random field. Both fields are the same for every grid
-    and time point of a seed. Returns (propensity, texture, axis_mm).
+    and time point of a seed. Returns (propensity, texture, z_axis_mm, xy_axis_mm).
     """
-    axis = np.arange(-COARSE_HALF_MM, COARSE_HALF_MM + 0.5, COARSE_STEP_MM)
-    n = axis.size
+    z_axis = np.arange(-COARSE_HALF_Z_MM, COARSE_HALF_Z_MM + 0.5, COARSE_STEP_MM)
+    xy_axis = np.arange(-COARSE_HALF_XY_MM, COARSE_HALF_XY_MM + 0.5, COARSE_STEP_MM)
+    shape = (z_axis.size, xy_axis.size, xy_axis.size)
     rng = np.random.default_rng([seed, 2])
-    g = np.zeros((n, n, n), np.float32)
+    g = np.zeros(shape, np.float32)
     for sigma_mm, weight in ((7.0, 1.0), (3.5, 0.5)):
-        part = ndimage.gaussian_filter(rng.standard_normal((n, n, n), dtype=np.float32),
+        part = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32),
                                        sigma_mm / COARSE_STEP_MM)
         g += weight * (part - part.mean()) / part.std()
     g = (g - g.mean()) / g.std()
-    texture = ndimage.gaussian_filter(rng.standard_normal((n, n, n), dtype=np.float32), 0.8)
+    texture = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), 0.8)
     texture = (texture - texture.mean()) / texture.std()
-    pl = _make_planes(axis, axis)
-    inner = np.zeros((n, n, n), bool)
-    for k, z in enumerate(axis):
+    pl = _make_planes(xy_axis, xy_axis)
+    inner = np.zeros(shape, bool)
+    for k, z in enumerate(z_axis):
         inner[k] = pl.body_at(float(z)).cavity & (z > pl.dome) & _apex_ok(float(z), pl)
     wall_mm = ndimage.distance_transform_edt(inner, sampling=COARSE_STEP_MM)
-    y = axis[None, :, None]
-    z = axis[:, None, None]
+    y = xy_axis[None, :, None]
+    z = z_axis[:, None, None]
     post = np.clip((y + 85.0) / 165.0, 0.0, 1.0)
     inf = np.clip((90.0 - z) / 200.0, 0.0, 1.0)
     prop = g + 1.7 * np.exp(-wall_mm / 10.0) + 1.5 * post + 0.6 * inf
-    return prop.astype(np.float32), texture.astype(np.float32), axis
+    return prop.astype(np.float32), texture.astype(np.float32), z_axis, xy_axis
 
 
 class _PlaneInterpolator:
     """Trilinear interpolation of a coarse (z, y, x) field on fine axial planes (elementwise only,
     so results do not depend on the BLAS)."""
 
-    def __init__(self, axis: np.ndarray, y: np.ndarray, x: np.ndarray):
-        self.axis = axis
-        self.iy, self.wy = _interp_weights(axis, y)
-        self.ix, self.wx = _interp_weights(axis, x)
+    def __init__(self, z_axis: np.ndarray, xy_axis: np.ndarray, y: np.ndarray, x: np.ndarray):
+        self.z_axis = z_axis
+        self.iy, self.wy = _interp_weights(xy_axis, y)
+        self.ix, self.wx = _interp_weights(xy_axis, x)
 
     def __call__(self, field: np.ndarray, z: float) -> np.ndarray:
-        iz, wz = _interp_weights(self.axis, np.array([z]))
+        iz, wz = _interp_weights(self.z_axis, np.array([z]))
         plane = (1 - wz[0]) * field[iz[0]] + wz[0] * field[iz[0] + 1]
         rows = (1 - self.wy)[:, None] * plane[self.iy] + self.wy[:, None] * plane[self.iy + 1]
         return (1 - self.wx)[None, :] * rows[:, self.ix] + self.wx[None, :] * rows[:, self.ix + 1]
@@ -691,8 +692,8 @@ def make_phantom(shape_zyx: Sequence[int] = SAMPLE_SHAPE_ZYX,
         cls[k] = _slice_classes(float(grid.z[k]), pl)
     _draw_tubes(cls, grid, seed)
 
-    prop_c, tex_c, axis = _coarse_fields(seed)
-    interp = _PlaneInterpolator(axis, grid.y, grid.x)
+    prop_c, tex_c, z_axis, xy_axis = _coarse_fields(seed)
+    interp = _PlaneInterpolator(z_axis, xy_axis, grid.y, grid.x)
     side = np.where(pl.right, 1, 2).astype(np.uint8)
     lung_slices = [k for k in range(shape[0]) if np.any(cls[k] == LUNG)]
     # thresholds per lung from the propensity of its lung parenchyma (right lung a bit worse)

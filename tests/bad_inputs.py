@@ -638,6 +638,27 @@ def zero_rescale_slope(root: Path):
     return folder, paths[1]
 
 
+@case(5, "implausible RescaleSlope -1", "a negative RescaleSlope")
+def negative_rescale_slope(root: Path):
+    folder, paths = _study(root)
+    edit(paths[1], lambda ds: setattr(ds, "RescaleSlope", "-1"))
+    return folder, paths[1]
+
+
+@case(5, "RescaleIntercept -24: air measures", "one slice whose intercept is wrong (-24 instead of -1024)")
+def one_slice_wrong_intercept(root: Path):
+    folder, paths = _study(root)
+    edit(paths[6], lambda ds: setattr(ds, "RescaleIntercept", "-24"))
+    return folder, paths[6]
+
+
+@case(3, "mixed pixel formats", "one slice with BitsStored 12 in a 16-bit series")
+def mixed_bits_stored(root: Path):
+    folder, paths = _study(root)
+    edit(paths[6], lambda ds: (setattr(ds, "BitsStored", 12), setattr(ds, "HighBit", 11)))
+    return folder, paths[6]
+
+
 @case(5, "8-bit windowed export", "a NIfTI of 0..255 display values (lung window)")
 def nifti_windowed_8bit(root: Path):
     hu = tiny_phantom().hu.astype(np.float32)
@@ -646,7 +667,7 @@ def nifti_windowed_8bit(root: Path):
     return path, path
 
 
-@case(5, "instead of about -1000 HU", "a NIfTI whose air is at +24 (HU + 1024 stored)")
+@case(5, "RescaleIntercept missing", "a NIfTI of stored values (HU + 1024: air at 0)")
 def nifti_not_hu(root: Path):
     path = write_volume(root / "raw.nii.gz", (tiny_phantom().hu.astype(np.int32) + 1024).astype(np.int16))
     return path, path
@@ -721,8 +742,8 @@ def mha_truncated(root: Path):
     return path, path
 
 
-@case(3, "is not a 3D scan", "a NIfTI one voxel thick")
-def nifti_one_slice(root: Path):
+@case(3, "is not a 3D scan", "a MetaImage one voxel thick")
+def mha_one_slice(root: Path):
     path = write_volume(root / "flat.mha", tiny_phantom().hu[5:6])
     return path, path
 

@@ -290,9 +290,23 @@ def test_config_change_recomputes_and_input_change_is_detected(scans, reference,
     todo, skipped = plan(rows, out, settings)
     assert len(todo) == 1 and not skipped
     assert not (out / "scans" / "P2" / "day14" / "measures.json").exists()  # outdated result invalidated
+    # a missing input (an unmounted share?) fails that scan but does not throw its old result away
+    gone = write_manifest(tmp_path / "m3.csv", [{"subject_id": "P1", "timepoint": "day14", "input": "nowhere"}])
+    todo, skipped = plan(read_manifest(gone)[0], out, settings)
+    assert len(todo) == 1 and todo[0].fingerprint is None
+    assert (out / "scans" / "P1" / "day14" / "measures.json").is_file()
     # asking for DICOM SEG too: results without segmentation.dcm are not current
     todo, skipped = plan(read_manifest(manifest)[0], out, make_settings("hu", "cpu", seg_format="both"))
     assert len(todo) == 4 and not skipped
+
+
+def test_one_batch_per_output_folder(scans, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".batch.lock").write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid()}))
+    result = CliRunner().invoke(app, ["batch", str(scans / "manifest.csv"), "--out", str(out), "--method", "hu"])
+    assert result.exit_code == 7 and "another ctquant batch is writing to this folder" in result.output
+    assert not (out / "scans").exists()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -332,3 +332,27 @@ def test_load_scan_with_warnings_as_errors(phantom, tmp_path: Path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert_matches_phantom(ctio.load_scan(tmp_path / "study"), phantom)
+
+
+# --------------------------------------------------------------------------------------------------
+# The shipped sample
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("timepoint", ["baseline", "day14"])
+def test_shipped_sample_loads_exactly(sample_dir: Path, timepoint: str):
+    """sample_dicom/: the HU voxels hash to truth.json's and the truth masks share the grid."""
+    import hashlib
+
+    document = json.loads((sample_dir / "truth.json").read_text())
+    truth = document["timepoints"][timepoint]
+    scan = ctio.load_scan(sample_dir / truth["dicom_dir"])
+    assert scan.meta["series_instance_uid"] == truth["series_instance_uid"]
+    assert scan.hu.shape[0] == truth["n_slices"]
+    assert hashlib.sha256(np.ascontiguousarray(scan.hu, dtype=np.int16).tobytes()).hexdigest() == truth["pixel_sha256"]
+    np.testing.assert_allclose(scan.origin_mm, truth["origin_mm"], atol=1e-3)
+    np.testing.assert_allclose(scan.direction, truth["direction"], atol=1e-6)
+    labels, spacing = ctio.read_label_image(sample_dir / truth["truth_masks"]["lungs"])
+    assert labels.shape == scan.hu.shape
+    np.testing.assert_allclose(spacing, scan.spacing_mm, atol=1e-4)
+    assert document["patient_id"] not in json.dumps(scan.meta, default=str)

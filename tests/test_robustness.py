@@ -31,6 +31,8 @@ from ctquant import io as ctio  # noqa: E402
 from ctquant import phantom as ph  # noqa: E402
 from ctquant.errors import CalibrationError, CtquantError, InputError  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on the odd values the cases write
+
 
 def snapshot(path: Path) -> dict[str, tuple]:
     """Every file and folder under ``path`` with its size, mtime and content hash."""
@@ -352,6 +354,34 @@ def test_fuzz_dicom_ingest(fuzz_base: Path, tmp_path: Path):
     assert not crashes, "\n".join(crashes[:10])
     assert sum(outcomes.values()) == FUZZ_CASES
     assert len(outcomes) >= 3, outcomes  # the mutations do reach several kinds of error
+
+
+def test_fuzz_nifti_header(tmp_path: Path):
+    """Seeded corruption of a NIfTI header (dims, datatype, offsets, transforms): load or CtquantError."""
+    good = bytearray(bi.phantom_volume(tmp_path / "good.nii").read_bytes())
+    fields = [0, 1, 2, 3, *range(40, 80), *range(108, 112), *range(252, 256), *range(280, 348)]
+    rng = np.random.default_rng(FUZZ_SEED)
+    outcomes: dict[str, int] = {}
+    crashes = []
+    for index in range(FUZZ_CASES // 2):
+        data = bytearray(good)
+        for _ in range(int(rng.integers(1, 5))):
+            position = int(rng.choice(fields)) if rng.random() < 0.8 else int(rng.integers(0, 352))
+            data[position] = int(rng.integers(0, 256)) if rng.random() < 0.5 else data[position] ^ 1 << int(rng.integers(0, 8))
+        path = tmp_path / f"case{index}.nii"
+        path.write_bytes(bytes(data))
+        try:
+            scan = ctio.load_volume_file(path)
+            assert scan.hu.ndim == 3 and min(scan.spacing_mm) > 0
+            outcomes["loaded"] = outcomes.get("loaded", 0) + 1
+        except CtquantError as exc:
+            outcomes[type(exc).__name__] = outcomes.get(type(exc).__name__, 0) + 1
+        except Exception as exc:  # noqa: BLE001 - what the fuzzer hunts
+            crashes.append(f"case {index}: {type(exc).__name__}: {exc}")
+        path.unlink()
+    print(f"nifti fuzz: {FUZZ_CASES // 2} cases: {outcomes}")
+    assert not crashes, "\n".join(crashes[:10])
+    assert outcomes.get("InputError", 0) > 0
 
 
 # --------------------------------------------------------------------------------------------------
