@@ -70,7 +70,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Protocol, Sequence, TextIO
+from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence, TextIO
 
 from . import __version__
 from .config import config_hash, file_sha256, load_quantify_config
@@ -273,7 +273,6 @@ class ScanTask:
     settings: BatchSettings
     series_uid: Optional[str] = None
     fingerprint: Optional[str] = None
-    attempt: int = 1
 
 
 @dataclass
@@ -504,8 +503,12 @@ class InlineExecutor:
         pass
 
 
-def _init_worker(settings: BatchSettings) -> None:
+_STARTED: list[Any] = []  # in pool workers: the queue that announces each task as it starts
+
+
+def _init_worker(settings: BatchSettings, started: Any = None) -> None:
     """Process-pool initializer: limit threads, quiet warnings, load the model once (errors deferred)."""
+    _STARTED[:] = [started]
     set_threads(settings.torch_threads)
     logging.getLogger("ctquant").setLevel(logging.ERROR)
     if settings.method == "model" and settings.model_path:
@@ -513,6 +516,13 @@ def _init_worker(settings: BatchSettings) -> None:
             cached_model(settings.model_path, settings.device)
         except Exception:  # reported per scan by run_one, not by breaking the pool
             pass
+
+
+def _tracked(task_fn: Callable[[ScanTask], ScanRecord], index: int, task: ScanTask) -> ScanRecord:
+    """Announce that task ``index`` started (so a crash can be pinned on it), then run it."""
+    if _STARTED and _STARTED[0] is not None:
+        _STARTED[0].put(index)
+    return task_fn(task)
 
 
 def available_cpus() -> int:
@@ -526,20 +536,22 @@ def available_cpus() -> int:
 class ProcessExecutor:
     """A local pool of ``workers`` processes (forkserver start, safe with threads in the parent).
 
-    Each worker uses ``cpu_count // workers`` torch/ITK/BLAS threads (unless the settings say). A
-    worker that dies (killed, out of memory) breaks the pool; the unfinished scans are retried once
-    in a fresh pool and then recorded as failed.
+    Each worker uses ``cpu_count // workers`` torch/ITK/BLAS threads (unless the settings say).
+    A worker that dies (killed, out of memory) breaks the pool: the scans that had started then are
+    re-run one at a time in a pool of their own (the one that dies again is recorded as failed), and
+    the scans that had not started go on in a fresh pool.
     """
 
-    def __init__(self, workers: int, max_attempts: int = 2):
+    def __init__(self, workers: int, task_fn: Callable[[ScanTask], ScanRecord] = run_one):
         self.workers = max(1, int(workers))
-        self.max_attempts = max_attempts
+        self.task_fn = task_fn
         self.description = f"{self.workers} local worker processes"
         if "forkserver" in multiprocessing.get_all_start_methods():
             self._context = multiprocessing.get_context("forkserver")
-            # Workers fork from a server that has imported the pipeline (fast start), and not the
-            # caller's ``__main__`` (a script without a main guard is not re-run).
-            self._context.set_forkserver_preload(["ctquant.batch", "ctquant.pipeline"])
+            # Workers fork from a server that has already imported torch and the pipeline (fast
+            # start; importing torch does not initialise CUDA or thread pools, so forking is safe).
+            # As with "spawn", each worker also imports the caller's __main__: scripts need a main guard.
+            self._context.set_forkserver_preload(["torch", "ctquant.batch", "ctquant.pipeline"])
         else:  # pragma: no cover - not Linux
             self._context = multiprocessing.get_context("spawn")
 
@@ -548,34 +560,54 @@ class ProcessExecutor:
         pending = [t if t.settings.torch_threads else replace(t, settings=replace(t.settings, torch_threads=threads))
                    for t in tasks]
         while pending:
-            settings = pending[0].settings
-            pool = ProcessPoolExecutor(max_workers=min(self.workers, len(pending)), mp_context=self._context,
-                                       initializer=_init_worker, initargs=(settings,))
-            futures = {pool.submit(run_one, t): t for t in pending}
-            pending = []
-            clean = False
-            try:
-                for fut in as_completed(futures):
-                    task = futures[fut]
-                    try:
-                        yield fut.result()
-                    except BrokenProcessPool:
-                        if task.attempt < self.max_attempts:
-                            pending.append(_retry(task))
-                        else:
-                            yield lost_record(task, "worker process died (killed, or out of memory?)")
-                    except Exception as exc:
-                        yield lost_record(task, exc)
-                clean = True
-            finally:
-                pool.shutdown(wait=clean, cancel_futures=True)
+            broken: list[ScanTask] = []
+            suspects: list[ScanTask] = []
+            yield from self._round(pending, self.workers, broken, suspects)
+            for task in suspects:  # alone in a pool: if it dies again, it is the culprit
+                yield from self._round([task], 1, [], [], last_try=True)
+            if broken and len(broken) == len(pending):  # died before any scan started: give up
+                for task in broken:
+                    yield lost_record(task, "worker processes die on start-up")
+                return
+            pending = broken
 
     def close(self) -> None:
         pass
 
-
-def _retry(task: ScanTask) -> ScanTask:
-    return replace(task, attempt=task.attempt + 1)
+    def _round(self, tasks: list[ScanTask], workers: int, broken: list[ScanTask], suspects: list[ScanTask],
+               last_try: bool = False) -> Iterator[ScanRecord]:
+        """Run ``tasks`` in one pool; on a crash, sort the unfinished into started (suspects) and not."""
+        started = self._context.SimpleQueue()
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=self._context,
+                                   initializer=_init_worker, initargs=(tasks[0].settings, started))
+        futures = {pool.submit(_tracked, self.task_fn, i, t): i for i, t in enumerate(tasks)}
+        crashed: list[int] = []
+        clean = False
+        try:
+            for fut in as_completed(futures):
+                index = futures[fut]
+                try:
+                    record = fut.result()
+                except BrokenProcessPool:
+                    if not last_try:
+                        crashed.append(index)
+                        continue
+                    record = lost_record(tasks[index], "worker process died (killed, or out of memory?)")
+                except Exception as exc:
+                    record = lost_record(tasks[index], exc)
+                yield record
+            clean = True
+        finally:
+            pool.shutdown(wait=clean, cancel_futures=True)
+        if crashed:
+            began = set()
+            while not started.empty():
+                began.add(started.get())
+            for index in sorted(crashed):
+                (suspects if index in began else broken).append(tasks[index])
+            log.warning("a worker process died; re-running %d scan(s) that were running, one at a time",
+                        len([i for i in crashed if i in began]))
+        started.close()
 
 
 def _import_distributed():

@@ -518,7 +518,10 @@ def _pixels(ds: pydicom.Dataset, path: Path) -> np.ndarray:
         pixels = np.asarray(ds.pixel_array)
     except (NotImplementedError, RuntimeError) as exc:
         raise InputError(f"cannot decode pixel data ({_syntax_name(syntax)}): {_first_line(exc)}", path) from None
-    except Exception as exc:  # noqa: BLE001 - decoders are plugins raising many exception types on bad data
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - decoder plugins raise many types on bad data, and the
+        # Rust ones (pylibjpeg-rle) panic with pyo3's PanicException, which derives from BaseException
         raise InputError(f"corrupt pixel data: {_first_line(exc)}", path) from None
     expected_shape = (rows, cols) if frames == 1 else (frames, rows, cols)
     if pixels.shape != expected_shape or pixels.dtype.kind not in "iu":
@@ -730,7 +733,9 @@ def load_dicom_series(root: str | Path, series_uid: str | None = None) -> Scan:
         raise InputError(f"series of {info.n_images} images declares {info.declared_bytes / 1e9:.1f} GB of pixel "
                          f"data, more than the {MAX_VOLUME_BYTES / 2**30:.0f} GiB limit", root)
     try:
-        slices, dz, normal = _order_slices(_read_slices(info.files), root)
+        with _quiet_stderr():  # decoders written in C or Rust print on stderr when data is corrupt
+            slices = _read_slices(info.files)
+        slices, dz, normal = _order_slices(slices, root)
     except GeometryError as exc:
         if found.corrupt:  # the corrupt file is probably the slice that is missing
             path, problem = found.corrupt[0]

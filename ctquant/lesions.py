@@ -15,17 +15,38 @@ from scipy import ndimage as ndi
 GGO, CONSOLIDATION = 1, 2
 
 
-def opening_mm(mask: np.ndarray, spacing_mm: tuple[float, float, float], diameter_mm: float) -> np.ndarray:
-    """Morphological opening with a ball of ``diameter_mm``: keeps parts at least that thick."""
+def opening_mm(mask: np.ndarray, spacing_mm: tuple[float, float, float], diameter_mm: float,
+               work_mm: float = 1.5) -> np.ndarray:
+    """Morphological opening with a ball of ``diameter_mm``: keeps the parts at least that thick.
+
+    Fine grids are opened on a grid of about ``work_mm`` (block majority), and the result, grown by
+    one block, is intersected with the full-resolution mask; distance maps do the ball operations.
+    """
     if diameter_mm <= 0 or not mask.any():
         return mask.copy()
     radius = diameter_mm / 2.0
     box = ndi.find_objects(mask.astype(np.uint8))[0]
-    pad = [int(np.ceil(radius / s)) + 1 for s in spacing_mm]
+    pad = [int(np.ceil(radius / s)) + 2 for s in spacing_mm]
     box = tuple(slice(max(0, b.start - p), min(n, b.stop + p)) for b, p, n in zip(box, pad, mask.shape))
     sub = mask[box]
-    core = ndi.distance_transform_edt(sub, sampling=spacing_mm) >= radius
-    opened = ndi.distance_transform_edt(~core, sampling=spacing_mm) < radius if core.any() else np.zeros_like(sub)
+    factors = tuple(max(1, int(work_mm // s)) for s in spacing_mm)
+    if factors != (1, 1, 1):
+        crop = tuple(n - n % f for n, f in zip(sub.shape, factors))
+        small = sub[: crop[0], : crop[1], : crop[2]].reshape(
+            crop[0] // factors[0], factors[0], crop[1] // factors[1], factors[1], crop[2] // factors[2],
+            factors[2]).mean(axis=(1, 3, 5)) >= 0.5
+        spacing = tuple(s * f for s, f in zip(spacing_mm, factors))
+    else:
+        small, spacing = sub, spacing_mm
+    core = ndi.distance_transform_edt(small, sampling=spacing) >= radius
+    opened = (ndi.distance_transform_edt(~core, sampling=spacing) < radius) if core.any() else np.zeros_like(small)
+    if factors != (1, 1, 1):
+        opened = ndi.binary_dilation(opened)
+        full = opened
+        for axis, f in enumerate(factors):
+            full = np.repeat(full, f, axis=axis)
+        opened = np.zeros(sub.shape, dtype=bool)
+        opened[: full.shape[0], : full.shape[1], : full.shape[2]] = full[: sub.shape[0], : sub.shape[1], : sub.shape[2]]
     out = np.zeros_like(mask)
     out[box] = opened & sub
     return out
@@ -43,16 +64,18 @@ def segment_lesions_hu(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tupl
     than ``min_component_ml`` are dropped. Known limits: vessels thicker than the threshold (near the
     hilum) count as consolidation, and thin consolidation is missed.
     """
-    lung = lung_labels > 0
     labels = np.zeros(hu.shape, dtype=np.uint8)
-    if not lung.any():
+    if not lung_labels.any():
         return labels
+    box = ndi.find_objects((lung_labels > 0).astype(np.uint8))[0]
+    hu, lung = hu[box], lung_labels[box] > 0
     ggo = lung & (hu >= ggo_band_hu[0]) & (hu < ggo_band_hu[1])
     dense = lung & (hu >= consolidation_band_hu[0]) & (hu < consolidation_band_hu[1])
     consolidation = opening_mm(dense, spacing_mm, min_consolidation_thickness_mm)
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
-    labels[remove_small(ggo, min_component_ml / voxel_ml)] = GGO
-    labels[remove_small(consolidation, min_component_ml / voxel_ml)] = CONSOLIDATION
+    inner = labels[box]
+    inner[remove_small(ggo, min_component_ml / voxel_ml)] = GGO
+    inner[remove_small(consolidation, min_component_ml / voxel_ml)] = CONSOLIDATION
     return labels
 
 
@@ -60,8 +83,7 @@ def remove_small(mask: np.ndarray, min_voxels: float) -> np.ndarray:
     """Drop 3D connected components with fewer than ``min_voxels`` voxels."""
     if min_voxels <= 1 or not mask.any():
         return mask
-    comps, n = ndi.label(mask)
-    sizes = np.bincount(comps.ravel())
-    keep = sizes >= min_voxels
+    comps, _ = ndi.label(mask)
+    keep = np.bincount(comps.ravel()) >= min_voxels
     keep[0] = False
     return keep[comps]

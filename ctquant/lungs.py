@@ -324,9 +324,10 @@ def _refine(labels_c: np.ndarray, dense_added_c: np.ndarray, hu: np.ndarray, fac
             air_threshold_hu: float, dense_max_hu: float) -> np.ndarray:
     """Bring coarse labels to the full grid: aerated boundaries from the full-resolution HU.
 
-    Air voxels near a coarse lung join it; dense voxels stay lung where the coarse envelope added dense
-    tissue (lesions, vessels) or away from the coarse boundary, so chest wall caught in a boundary block
-    is dropped.
+    Air voxels within one coarse voxel of a lung join it; dense voxels stay lung where the coarse
+    envelope added dense tissue (lesions, vessels) or one coarse voxel inside the lung, so chest wall
+    caught in a boundary block is dropped. Neighbourhoods are taken on the coarse grid, so the full
+    grid sees only element-wise work.
     """
     out = np.zeros(hu.shape, dtype=np.uint8)
     if not labels_c.any():
@@ -334,23 +335,22 @@ def _refine(labels_c: np.ndarray, dense_added_c: np.ndarray, hu: np.ndarray, fac
     if factors == (1, 1, 1):
         return labels_c.astype(np.uint8)
     box = ndi.find_objects((labels_c > 0).astype(np.uint8))[0]
-    margin = 2
-    box_full = tuple(slice(max(0, (b.start - margin) * f), min(n, (b.stop + margin) * f))
-                     for b, f, n in zip(box, factors, hu.shape))
-    box_c = tuple(slice(b.start // f, -(-b.stop // f)) for b, f in zip(box_full, factors))
+    box_c = tuple(slice(max(0, b.start - 1), min(n, b.stop + 1)) for b, n in zip(box, labels_c.shape))
+    box_full = tuple(slice(b.start * f, min(n, b.stop * f)) for b, f, n in zip(box_c, factors, hu.shape))
+    labels_box = labels_c[box_c]
+    lung_box = labels_box > 0
+    near_c = labels_box.copy()  # each lung grown by one coarse voxel (the right lung first where both reach)
+    for label in (LEFT, RIGHT):
+        near_c[ndi.binary_dilation(labels_box == label) & ~lung_box] = label
+    interior_c = ndi.binary_erosion(lung_box)
     hu_box = hu[box_full]
-    labels = _upsample(labels_c[box_c], factors, hu_box.shape)
-    added = _upsample(dense_added_c[box_c], factors, hu_box.shape)
-    radius = np.array([max(1, f // 2) for f in factors], dtype=float)
-    lung = labels > 0
-    near = ndi.binary_dilation(lung, _ball(radius))
-    interior = ndi.binary_erosion(lung, _ball(radius))
+    shape = hu_box.shape
+    labels = _upsample(labels_box, factors, shape)
+    near = _upsample(near_c, factors, shape)
+    keep_dense = _upsample(dense_added_c[box_c] | interior_c, factors, shape)
     air = hu_box < air_threshold_hu
-    dense = (hu_box >= air_threshold_hu) & (hu_box < dense_max_hu)
-    refined = labels * ((air & lung) | (dense & (added | interior)))
-    grow = air & near & ~lung
-    if grow.any():
-        indices = ndi.distance_transform_edt(~lung, return_distances=False, return_indices=True)
-        refined[grow] = labels[tuple(ix[grow] for ix in indices)]
+    dense = ~air & (hu_box < dense_max_hu)
+    lung = labels > 0
+    refined = np.where(air, near, labels * (lung & dense & keep_dense)).astype(np.uint8)
     out[box_full] = refined
     return out

@@ -550,6 +550,22 @@ def private_syntax(root: Path):
     return folder, paths[2]
 
 
+@case(3, "corrupt pixel data", "RLE segments that run past the frame (the Rust decoder panics)")
+def corrupt_rle(root: Path):
+    import struct
+
+    from pydicom.encaps import encapsulate
+
+    folder = root / "study"
+    paths = write_series(folder, transfer_syntax="1.2.840.10008.1.2.5")
+    ds = pydicom.dcmread(paths[3])
+    runs = bytes([0x81, 0x07]) * 200  # 200 replicate runs of 128 bytes: far more than 64 × 64
+    frame = struct.pack("<16I", 2, 64, 64 + len(runs), *[0] * 13) + runs + runs
+    ds.PixelData = encapsulate([frame])
+    ds.save_as(paths[3])
+    return folder, paths[3]
+
+
 @case(3, "exceeds the 4 GiB limit", "one file declaring 4096 × 4096 × 300 frames (refused before allocating)")
 def huge_declared_file(root: Path):
     folder, paths = _study(root)

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -49,8 +48,17 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def cohort(path: Path) -> pd.DataFrame:
+def cohort(path: Path):
+    """``cohort.csv`` as a DataFrame (pandas imported here: pool workers import this module)."""
+    import pandas as pd
+
     return pd.read_csv(path / "cohort.csv", dtype={"subject_id": str, "timepoint": str})
+
+
+def assert_same(a, b) -> None:
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True))
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +250,7 @@ def test_killed_run_resumes_with_identical_measures(scans, reference, tmp_path):
     assert not list((out / "scans").glob("*/.*.tmp-*"))
     table, ref = cohort(out), cohort(reference)
     assert list(table["status"]) == ["skipped", "ok", "ok", "ok"]
-    pd.testing.assert_frame_equal(table[MEASURE_COLUMNS], ref[MEASURE_COLUMNS])
+    assert_same(table[MEASURE_COLUMNS], ref[MEASURE_COLUMNS])
     for sid, tp, _ in SCANS:
         got = json.loads((out / "scans" / sid / tp / "measures.json").read_text())
         want = json.loads((reference / "scans" / sid / tp / "measures.json").read_text())
@@ -327,7 +335,26 @@ def test_dask_cluster_gives_the_same_cohort_table_as_local_workers(scans, refere
     assert list(dask["status"]) == list(local["status"]) == ["ok"] * 4
     columns = [c for c in local.columns if c not in ("output_dir", "seconds")]
     assert set(MEASURE_COLUMNS) <= set(columns) and "arm" in columns
-    pd.testing.assert_frame_equal(dask[columns], local[columns])
+    assert_same(dask[columns], local[columns])
+
+
+def _dies_for_kill(task: ScanTask) -> batch.ScanRecord:
+    """A stand-in task function (runs in pool workers): the process dies on subject KILL."""
+    time.sleep(0.2)
+    if task.subject_id == "KILL":
+        os._exit(9)
+    return batch.ScanRecord(task.subject_id, task.timepoint, task.input, task.output_dir, "ok", seconds=0.0)
+
+
+def test_a_dying_worker_process_fails_only_its_scan(tmp_path):
+    settings = BatchSettings(method="hu", device="cpu", config_sha256="x")
+    names = ("A", "B", "KILL", "C", "D", "E")
+    tasks = [ScanTask(sid, "baseline", "in", str(tmp_path / sid), settings) for sid in names]
+    records = {r.subject_id: r for r in batch.ProcessExecutor(2, task_fn=_dies_for_kill).run(tasks)}
+    assert sorted(records) == sorted(names)  # each scan reported once
+    assert [records[s].status for s in names if s != "KILL"] == ["ok"] * 5  # innocent neighbours survive
+    assert records["KILL"].status == "failed" and records["KILL"].category == "WorkerLost"
+    assert "worker process died" in records["KILL"].reason
 
 
 def test_dask_missing_gives_a_clear_error(monkeypatch):

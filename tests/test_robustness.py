@@ -95,7 +95,7 @@ def test_bad_input(case: bi.Case, tmp_path: Path):
     assert not out.exists()
 
 
-SUBPROCESS_CASES = ["path_missing", "nifti_broken_header", "garbage_pixel_spacing", "no_rescale"]
+SUBPROCESS_CASES = ["path_missing", "nifti_broken_header", "garbage_pixel_spacing", "corrupt_rle"]
 
 
 def _cli(*args: str, console_script: bool = False, cwd: Path | None = None) -> tuple[int, str, str]:
