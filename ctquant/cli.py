@@ -142,9 +142,12 @@ def quantify(
     """Segment lungs, GGO and consolidation in one scan and write measures and masks to --out."""
     from .pipeline import quantify_to_dir
 
-    measures = quantify_to_dir(input, out, method=method, device=device, subject_id=subject,
-                               timepoint=timepoint, config_path=config, series_uid=series_uid,
-                               seg_format=seg_format)
+    from rich.console import Console
+
+    with Console(stderr=True).status("starting") as status:
+        measures = quantify_to_dir(input, out, method=method, device=device, subject_id=subject,
+                                   timepoint=timepoint, config_path=config, series_uid=series_uid,
+                                   seg_format=seg_format, progress=lambda stage: status.update(f"{input}: {stage}"))
     _print_measures(measures, out)
 
 

@@ -251,6 +251,8 @@ def _file_kind(path: Path) -> str | None:
             head = handle.read(132)
     except PermissionError:
         raise InputError("permission denied", path) from None
+    except FileNotFoundError:
+        return "broken link or vanished file"
     except OSError as exc:
         raise InputError(f"cannot read: {exc.strerror or exc}", path) from None
     if head[128:132] == b"DICM":
@@ -489,6 +491,11 @@ def _check_size(ds: pydicom.Dataset, path: Path) -> tuple[int, int, int]:
     return frames, rows, cols
 
 
+#: Transfer syntax of a file without file meta, from pydicom's (implicit VR, little endian) when read.
+_RAW_SYNTAXES = {(True, True): pydicom.uid.ImplicitVRLittleEndian, (False, True): pydicom.uid.ExplicitVRLittleEndian,
+                 (False, False): pydicom.uid.ExplicitVRBigEndian}
+
+
 def _syntax_name(syntax: Any) -> str:
     name = _SYNTAX_NAMES.get(str(syntax)) or getattr(syntax, "name", "") or str(syntax)
     return _clean(name if name == str(syntax) else f"{name} ({syntax})", 100)
@@ -501,6 +508,12 @@ def _pixels(ds: pydicom.Dataset, path: Path) -> np.ndarray:
         raise InputError("no pixel data", path)
     meta = getattr(ds, "file_meta", None)
     syntax = _tag(meta, "TransferSyntaxUID") if meta is not None else None
+    if syntax is None:  # an old file without file meta: the encoding pydicom found when reading it
+        syntax = _RAW_SYNTAXES.get(tuple(getattr(ds, "original_encoding", None) or ()))
+        if syntax is not None:
+            if meta is None:
+                ds.file_meta = meta = pydicom.dataset.FileMetaDataset()
+            meta.TransferSyntaxUID = syntax
     if syntax is not None:
         try:
             compressed = pydicom.uid.UID(str(syntax)).is_compressed

@@ -12,7 +12,9 @@ A classical pipeline, run on a coarse grid (about 2.5 mm) for speed and refined 
    lesions that bite into the lung from the pleura (consolidation, ground glass) and enclosed vessels;
    the envelope is restricted to non-bone voxels and never crosses into the other lung or the airways;
 6. dependent consolidation: each lung is extended through soft-tissue density to the rib cage on the
-   lateral and posterior side (:func:`fill_to_rib_cage`).
+   lateral and posterior side (:func:`fill_to_rib_cage`);
+7. the diaphragm's dome, an island of soft tissue in the lowest lung slices, is taken out again
+   (:func:`drop_diaphragm_domes`).
 
 Labels follow the lungmask convention: 0 background, 1 right lung, 2 left lung.
 """
@@ -238,6 +240,7 @@ def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
         d_left = ndi.distance_transform_edt(~left, sampling=coarse_spacing)
         labels_c[both] = np.where(d_right[both] <= d_left[both], RIGHT, LEFT)
     labels_c = fill_to_rib_cage(labels_c, hu_c, body & ~airways, coarse_spacing)
+    labels_c = drop_diaphragm_domes(labels_c, hu_c > -200, body)
     dense_added = (labels_c > 0) & ~air
     return _refine(labels_c, dense_added, hu, factors, air_threshold_hu, dense_max_hu)
 
@@ -306,6 +309,38 @@ def fill_to_rib_cage(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, spaci
                 fill[yy[sel], xx[sel]] = True
                 fill = ndi.binary_closing(fill, iterations=2) & (labels[z] == 0) & ~(hu[z] >= bone_hu)
                 out[z][fill & (out[z] == 0)] = side
+    return out
+
+
+def drop_diaphragm_domes(labels: np.ndarray, soft_tissue: np.ndarray, body: np.ndarray,
+                         max_wall_contact: float = 0.1) -> np.ndarray:
+    """Remove soft tissue added to the lungs that is the diaphragm's dome seen from above.
+
+    Near the lung base the dome (liver, spleen) appears as an island of soft tissue inside the lung's
+    cross-section, which hole filling and the envelope would call lung. Per axial slice, a soft-tissue
+    region of the lungs is dropped when most of it lies directly above non-lung tissue and it hardly
+    touches the chest wall (a pleural lesion at the base leans on the chest wall). Axis 0 must run
+    from the feet to the head (LPS), as :mod:`ctquant.io` delivers volumes; ``soft_tissue`` marks
+    voxels of the dome's density (above about -200 HU).
+    """
+    added = (labels > 0) & soft_tissue
+    if not added.any():
+        return labels
+    comps, n = ndi.label(added, structure=_SLICEWISE)  # per-slice regions
+    below_outside = np.zeros_like(added)
+    below_outside[1:] = (labels[:-1] == 0) & body[:-1]
+    area = np.bincount(comps.ravel(), minlength=n + 1)
+    rests = np.bincount(comps[added & below_outside], minlength=n + 1)
+    wall = added & ndi.binary_dilation(labels == 0, structure=_SLICEWISE)
+    rim = added & ndi.binary_dilation(~added, structure=_SLICEWISE)
+    wall_n = np.bincount(comps[wall], minlength=n + 1)
+    rim_n = np.bincount(comps[rim], minlength=n + 1)
+    dome = (rests > 0.5 * area) & (wall_n <= max_wall_contact * np.maximum(rim_n, 1))
+    dome[0] = False
+    if not dome.any():
+        return labels
+    out = labels.copy()
+    out[dome[comps]] = 0
     return out
 
 

@@ -21,7 +21,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -86,20 +86,25 @@ def software_versions() -> dict[str, str]:
 
 
 def analyse_scan(scan: Scan, *, method: str = "model", device: str = "cpu", config: dict[str, Any] | None = None,
-                 model: Any = None, subject_id: str | None = None, timepoint: str | None = None) -> Segmentation:
+                 model: Any = None, subject_id: str | None = None, timepoint: str | None = None,
+                 progress: Callable[[str], None] | None = None) -> Segmentation:
     """Lungs, lesions and measures for a loaded scan (no file output).
 
     Args:
         method: ``model`` (the shipped MONAI network) or ``hu`` (HU bands).
         model: an already loaded lesion model (batch workers load it once); loaded on demand if None.
+        progress: called with the name of each stage as it starts (for a status line).
     """
     if method not in METHODS:
         raise InputError(f"unknown method {method!r} (model or hu)")
+    progress = progress or (lambda stage: None)
     config = config or load_quantify_config()
     timings: dict[str, float] = {}
+    progress("segmenting the lungs")
     t0 = time.perf_counter()
     lung_labels = segment_lungs(scan.hu, scan.spacing_mm)
     timings["lungs"] = time.perf_counter() - t0
+    progress(f"segmenting lesions ({method})")
     t0 = time.perf_counter()
     model_info: dict[str, Any] = {"model_file": None, "model_sha256": None}
     if method == "hu":
@@ -226,25 +231,30 @@ def quantify_to_dir(input_path: str | Path, out_dir: str | Path, *, method: str 
                     subject_id: str | None = None, timepoint: str | None = None,
                     config_path: str | Path | None = None, series_uid: str | None = None,
                     seg_format: str = "nifti", model: Any = None,
-                    extra_provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+                    extra_provenance: dict[str, Any] | None = None,
+                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Load ``input_path``, quantify it and write ``out_dir``; returns the measures dict.
 
-    ``extra_provenance`` (e.g. the batch runner's input fingerprint) is merged into ``provenance``.
+    ``extra_provenance`` (e.g. the batch runner's input fingerprint) is merged into ``provenance``;
+    ``progress`` is called with each stage's name as it starts.
     """
+    progress = progress or (lambda stage: None)
     config = load_quantify_config(config_path)
     if device not in ("auto", "cpu", "cuda"):
         resolve_device(device)  # a bad --device is refused before a long load
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise OutputError("exists and is not a folder", out_dir)
+    progress("reading the scan")
     t0 = time.perf_counter()
     scan = load_scan(input_path, series_uid)
     load_s = time.perf_counter() - t0
     device = resolve_device(device)  # imports torch: only once the input is known to load
     seg = analyse_scan(scan, method=method, device=device, config=config, model=model,
-                       subject_id=subject_id, timepoint=timepoint)
+                       subject_id=subject_id, timepoint=timepoint, progress=progress)
     if extra_provenance:
         seg.measures["provenance"].update(extra_provenance)
     seg.timings_s = {"load": load_s, **seg.timings_s}
+    progress("writing results")
     t0 = time.perf_counter()
     write_results(seg, out_dir, seg_format)
     seg.timings_s["write"] = time.perf_counter() - t0

@@ -121,6 +121,34 @@ def test_geometry_of_anisotropic_off_centre_grid(tmp_path: Path):
     assert_matches_phantom(ctio.load_scan(tmp_path / "study"), odd)
 
 
+@pytest.mark.parametrize("implicit_vr", [True, False])
+def test_files_without_preamble_or_file_meta(phantom, tmp_path: Path, implicit_vr: bool):
+    """Old exports: no 128-byte preamble, no 'DICM', no file meta (the encoding is found by reading)."""
+    paths = bi.write_series(tmp_path / "study")
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.preamble = None
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        pydicom.dcmwrite(path, ds, implicit_vr=implicit_vr, little_endian=True)
+    assert paths[0].read_bytes()[128:132] != b"DICM"
+    assert_matches_phantom(ctio.load_scan(tmp_path / "study"), phantom)
+
+
+def test_links_and_hidden_files_are_ignored(phantom, tmp_path: Path):
+    import os
+
+    study = tmp_path / "study"
+    bi.write_series(study / "series")
+    os.symlink(tmp_path / "nowhere", study / "dangling")
+    os.symlink(study, study / "series" / "loop")  # a link back up: not followed
+    (study / ".DS_Store").write_bytes(b"\x00\x01junk")
+    (study / ".hidden").mkdir()
+    bi.write_series(study / ".hidden", tag="hidden")
+    found = ctio.find_series(study)
+    assert [s.series_uid for s in found] == [ph.uid_from("series", "main")]
+    assert_matches_phantom(ctio.load_scan(study), phantom)
+
+
 # --------------------------------------------------------------------------------------------------
 # Series selection among decoys, and `ctquant series`
 # --------------------------------------------------------------------------------------------------
