@@ -82,7 +82,7 @@ def _truth(sample_dir, timepoint):
 
 @pytest.mark.parametrize("timepoint", ["baseline", "day14"])
 def test_sample_hu_method_against_truth(sample_dir, tmp_path, timepoint):
-    """Lung volumes within 3 %; HU-band GGO within 10 % and consolidation within 30 % (see README)."""
+    """Lung volumes within 3 %; HU-band GGO within 10 % and consolidation within 35 % (see README)."""
     measures = quantify_to_dir(sample_dir / timepoint, tmp_path / "out", method="hu", device="cpu",
                                subject_id="S1", timepoint=timepoint)
     truth = _truth(sample_dir, timepoint)
@@ -91,7 +91,7 @@ def test_sample_hu_method_against_truth(sample_dir, tmp_path, timepoint):
         assert got["lung_volume_ml"] == pytest.approx(want["lung_ml"], rel=0.03)
     both, want = measures["lungs"]["both"], truth["both"]
     assert both["ggo_volume_ml"] == pytest.approx(want["ggo_ml"], rel=0.10)
-    assert both["consolidation_volume_ml"] == pytest.approx(want["consolidation_ml"], rel=0.30)
+    assert both["consolidation_volume_ml"] == pytest.approx(want["consolidation_ml"], rel=0.35)
     assert measures["bilateral"]["ggo"] and measures["bilateral"]["opacity"]
     for name in ("measures.json", "measures.csv", "lungs.nii.gz", "lesions.nii.gz"):
         assert (tmp_path / "out" / name).is_file()
