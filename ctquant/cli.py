@@ -143,11 +143,13 @@ def quantify(
     from .pipeline import quantify_to_dir
 
     from rich.console import Console
+    from rich.markup import escape
 
     with Console(stderr=True).status("starting") as status:
         measures = quantify_to_dir(input, out, method=method, device=device, subject_id=subject,
                                    timepoint=timepoint, config_path=config, series_uid=series_uid,
-                                   seg_format=seg_format, progress=lambda stage: status.update(f"{input}: {stage}"))
+                                   seg_format=seg_format,
+                                   progress=lambda stage: status.update(escape(f"{input}: {stage}")))
     _print_measures(measures, out)
 
 
