@@ -291,6 +291,11 @@ class ScanRecord:
     measures: Optional[dict[str, Any]] = None
     traceback: Optional[str] = None
 
+    @property
+    def key(self) -> tuple[str, str]:
+        """Sanitized (subject, time point), as :attr:`ManifestRow.key`."""
+        return _sanitize(self.subject_id), _sanitize(self.timepoint)
+
     def failure_row(self) -> dict[str, Any]:
         """This record as a ``failures.csv`` row."""
         return {"subject_id": self.subject_id, "timepoint": self.timepoint, "input": self.input,
@@ -298,8 +303,9 @@ class ScanRecord:
 
 
 def result_is_current(result_dir: str | Path, settings: BatchSettings, fingerprint: Optional[str],
-                      key: tuple[str, str]) -> tuple[bool, str]:
-    """Whether ``result_dir`` holds a complete result made from this input with these settings.
+                      key: tuple[str, str], series_uid: Optional[str] = None) -> tuple[bool, str]:
+    """Whether ``result_dir`` holds a complete result made from this input with these settings
+    (and of the manifest's ``series_uid``, when it names one).
 
     Returns ``(current, why_not)``.
     """
@@ -321,6 +327,7 @@ def result_is_current(result_dir: str | Path, settings: BatchSettings, fingerpri
         ("input", prov.get("input_fingerprint"), fingerprint),
         ("subject", measures.get("subject_id"), key[0]),
         ("time point", measures.get("timepoint"), key[1]),
+        ("series", prov.get("series_instance_uid") if series_uid else None, series_uid),
     )
     for what, have, want in checks:
         if have != want:
@@ -362,7 +369,7 @@ def plan(rows: Sequence[ManifestRow], out_dir: str | Path, settings: BatchSettin
     for row in rows:
         target = scan_output_dir(out_dir, row)
         fingerprint = input_fingerprint(row.input) if row.input else None
-        current, why = result_is_current(target, settings, fingerprint, row.key)
+        current, why = result_is_current(target, settings, fingerprint, row.key, row.series_uid)
         if current and not force:
             measures = json.loads((target / "measures.json").read_text())
             skipped.append(ScanRecord(row.subject_id, row.timepoint, row.input, str(target), "skipped",
@@ -869,32 +876,12 @@ def _now() -> str:
 # Endpoint report (ctquant.endpoints)
 
 
-def endpoint_report(rows: Sequence[ManifestRow], records: Mapping[tuple[str, str], ScanRecord], out_dir: Path, settings: BatchSettings, endpoints_config: str | Path | None = None
-                    ) -> dict[str, Any]:
-    """The cohort endpoint report of this batch's results, in ``out_dir/endpoints``.
-
-    The single call site of :mod:`ctquant.endpoints`. ``run_endpoints`` reuses the batch's results
-    (``results_dir=out_dir/scans``); the manifest it gets (``endpoints/batch_manifest.csv``) blanks the
-    input of scans that failed here, so that it never re-runs them, and carries the batch's reason in
-    a ``batch_failure`` column.
-    """
+def endpoint_report(manifest: Path, records: Mapping[tuple[str, str], ScanRecord], out_dir: Path,
+                    endpoints_config: str | Path | None = None) -> dict[str, Any]:
+    """The cohort endpoint report of this batch's ``records`` in ``out_dir/endpoints``; quantifies nothing."""
     from .endpoints import run_endpoints
 
-    report_dir = out_dir / "endpoints"
-    report_dir.mkdir(parents=True, exist_ok=True)
-    extras = list(rows[0].extra) if rows else []
-    columns = ["subject_id", "timepoint", "input"] + extras + ["batch_failure"]
-    table = []
-    for row in rows:
-        rec = records[row.key]
-        failed = rec.status == "failed"
-        table.append({"subject_id": row.subject_id, "timepoint": row.timepoint,
-                      "input": "" if failed else row.input, **row.extra,
-                      "batch_failure": f"{rec.category}: {rec.reason}" if failed else ""})
-    derived = report_dir / "batch_manifest.csv"
-    _atomic_write(derived, _csv_text(table, columns))
-    return run_endpoints(derived, report_dir, config_path=endpoints_config, results_dir=out_dir / "scans",
-                         method=settings.method, device=settings.device, quantify_config=settings.config_path)
+    return run_endpoints(manifest, out_dir / "endpoints", config_path=endpoints_config, scan_results=records)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -963,13 +950,13 @@ def run_batch(manifest: str | Path, out_dir: str | Path, *, method: str = "model
         for tmp in remove_stale_temp_dirs(out_dir):
             log.info("removed temporary folder of an interrupted run: %s", tmp)
         tasks, skipped = plan(rows, out_dir, settings, force)
-        records: dict[tuple[str, str], ScanRecord] = {_key(r): r for r in skipped}
+        records: dict[tuple[str, str], ScanRecord] = {r.key: r for r in skipped}
         own = executor is None
         executor = executor or make_executor(workers, scheduler)
         progress.start(len(tasks), len(skipped), executor.description)
         try:
             for record in executor.run(tasks):
-                records[_key(record)] = record
+                records[record.key] = record
                 progress.advance(record)
         finally:
             progress.stop()
@@ -980,16 +967,12 @@ def run_batch(manifest: str | Path, out_dir: str | Path, *, method: str = "model
         want_endpoints = manifest_has_follow_up(rows) if endpoints is None else endpoints
         if want_endpoints:
             try:
-                summary.endpoints = endpoint_report(rows, records, out_dir, settings, endpoints_config)
+                summary.endpoints = endpoint_report(manifest, records, out_dir, endpoints_config)
             except CtquantError as exc:
                 log.warning("endpoint report not written: %s", exc)
                 summary.endpoints_error = exc
         _write_batch_json(summary, manifest, settings, started, force)
     return summary
-
-
-def _key(record: ScanRecord) -> tuple[str, str]:
-    return _sanitize(record.subject_id), _sanitize(record.timepoint)
 
 
 def _write_outputs(manifest: Path, rows: Sequence[ManifestRow], extras: Sequence[str],

@@ -212,15 +212,17 @@ def compare(
 @handle_errors
 def endpoints(
     manifest: Path = typer.Argument(..., help="CSV: subject_id, timepoint, input (relative to the CSV's folder); extra columns are kept."),
-    out: Path = typer.Option(..., "--out", help="Output folder: endpoints.csv/.json, subjects.csv, plots, scans/."),
+    out: Path = typer.Option(..., "--out", help="Output folder: endpoints.csv/.json, subjects.csv, plots; the batch's "
+                                                "scans/, cohort.csv, failures.csv (current results are reused)."),
     config: Optional[Path] = typer.Option(None, "--config", help="Endpoints YAML (default configs/endpoints.yaml)."),
-    results: Optional[Path] = typer.Option(None, "--results",
-                                           help="Reuse results in RESULTS/<subject>/<timepoint>/measures.json."),
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch",
                                         help="Evaluate results of different method/model/config (recorded)."),
-    method: Optional[str] = typer.Option(None, help="Lesion method (model or hu); reuse only results made with it."),
+    method: str = typer.Option("model", help="Lesion method: model (MONAI network) or hu (HU bands)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda (when scans are quantified)."),
     quantify_config: Optional[Path] = typer.Option(None, "--quantify-config", help="YAML over configs/quantify.yaml."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Local worker processes (1: in this process)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler",
+                                            help="Dask scheduler address, e.g. tcp://host:8786 (needs the dask extra)."),
 ) -> None:
     """Cohort endpoints: % of participants with reduction, exact 95 % CI, per-subject table and plots."""
     from rich.console import Console
@@ -228,14 +230,14 @@ def endpoints(
     from .endpoints import cohort_table, run_endpoints
     from .errors import BatchFailures
 
-    doc = run_endpoints(manifest, out, config_path=config, results_dir=results, allow_mismatch=allow_mismatch,
-                        method=method, device=device, quantify_config=quantify_config)
+    doc = run_endpoints(manifest, out, config_path=config, allow_mismatch=allow_mismatch, method=method,
+                        device=device, quantify_config=quantify_config, workers=workers, scheduler=scheduler)
     console = Console(width=160)
     console.print(cohort_table(doc))
     console.print(f"results in {out}", markup=False, highlight=False)
     if doc["failures"]:
         raise BatchFailures(f"{len(doc['failures'])} scan(s) failed; endpoints written without them "
-                            "(see failures.csv)", out)
+                            "(see failures.csv)", out / "failures.csv")
 
 
 @app.command()

@@ -8,13 +8,13 @@ decrease, so that measurement noise is not called improvement). See the comments
 The pure functions (:func:`change`, :func:`is_bilateral`, :func:`reduction_verdict`,
 :func:`cohort_summary`, :func:`clopper_pearson`) do the arithmetic; :func:`run_compare` and
 :func:`run_endpoints` are the ``ctquant compare`` / ``ctquant endpoints`` commands without the CLI.
+A cohort's scans are quantified by :mod:`ctquant.batch` (resumable, parallel, failure-isolated).
 All outputs are staged in temporary files and renamed into place only when every one is written.
 """
 
 from __future__ import annotations
 
 import csv
-import importlib
 import io
 import json
 import logging
@@ -24,11 +24,12 @@ import re
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from . import __version__
+from .batch import ManifestRow, ScanRecord, make_progress, read_manifest, run_batch
 from .config import CONFIG_DIR, config_hash, file_sha256, load_yaml, merge
-from .errors import CtquantError, InputError, IncompatibleResults, OutputError
+from .errors import InputError, IncompatibleResults, OutputError
 
 log = logging.getLogger("ctquant.endpoints")
 
@@ -613,10 +614,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _safe_name(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._") or "x"
-
-
 # --------------------------------------------------------------------------------------------------
 # Plots (matplotlib, Agg canvas; no pyplot global state)
 
@@ -706,21 +703,11 @@ def plot_waterfall(rows: Sequence[Mapping[str, Any]], endpoint: Endpoint, path: 
 
 
 # --------------------------------------------------------------------------------------------------
-# Running quantification where needed
-
-
-def _quantify(input_path: str | Path, out_dir: Path, **kwargs: Any) -> dict[str, Any]:
-    """``ctquant.pipeline.quantify_to_dir``, imported only when a scan must actually be quantified."""
-    pipeline = importlib.import_module("ctquant.pipeline")
-    return pipeline.quantify_to_dir(input_path, out_dir, **kwargs)
+# ctquant compare
 
 
 def _is_result(path: Path) -> bool:
     return (path.is_file() and path.suffix.lower() == ".json") or (path.is_dir() and (path / "measures.json").is_file())
-
-
-# --------------------------------------------------------------------------------------------------
-# ctquant compare
 
 
 def comparison_rows(first: Mapping[str, Any], second: Mapping[str, Any], from_tp: str, to_tp: str) -> list[dict[str, Any]]:
@@ -785,10 +772,12 @@ def run_compare(
         if role not in results:
             if not inputs[role].exists():
                 raise InputError("no such file or folder", inputs[role])
-            target = out_dir / _safe_name(labels[role])
+            from .pipeline import quantify_to_dir, sanitize_id  # only when a scan must be quantified
+
+            target = out_dir / sanitize_id(labels[role])
             sid = subject_id or (results.get("from") or results.get("to") or {}).get("subject_id")
-            _quantify(inputs[role], target, method=method, device=device, subject_id=sid,
-                      timepoint=labels[role], config_path=quantify_config)
+            quantify_to_dir(inputs[role], target, method=method, device=device, subject_id=sid,
+                            timepoint=labels[role], config_path=quantify_config)
             results[role] = load_measures(target)
             paths[role] = str(target / "measures.json")
     first_m, second_m = results["from"], results["to"]
@@ -861,133 +850,12 @@ def run_compare(
 # ctquant endpoints (cohort)
 
 
-@dataclass
-class ScanResult:
-    """One manifest row's result: ``measures`` when available, else ``error`` says why not."""
-
-    subject_id: str
-    timepoint: str
-    input: str
-    status: str  # "reused", "quantified" or "failed"
-    measures: Optional[dict[str, Any]] = None
-    path: Optional[str] = None
-    error: Optional[str] = None
+def _result_path(record: ScanRecord) -> Optional[str]:
+    """The ``measures.json`` of a scan that has a result."""
+    return str(Path(record.output_dir) / "measures.json") if record.measures is not None else None
 
 
-def read_manifest(path: str | Path) -> tuple[list[dict[str, str]], list[str]]:
-    """Rows of a manifest CSV (``subject_id, timepoint, input`` + extra columns) and the extra columns.
-
-    Relative inputs are resolved against the manifest's folder. Problems are :class:`InputError`.
-    """
-    path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            fieldnames = [f.strip() for f in (reader.fieldnames or [])]
-            raw_rows = list(reader)
-    except FileNotFoundError:
-        raise InputError("manifest not found", path) from None
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise InputError(f"cannot read manifest: {exc}", path) from None
-    missing = [c for c in ("subject_id", "timepoint", "input") if c not in fieldnames]
-    if missing:
-        raise InputError(f"manifest lacks column(s) {', '.join(missing)} "
-                         "(needs subject_id, timepoint, input)", path)
-    extras = [c for c in fieldnames if c not in ("subject_id", "timepoint", "input") and c]
-    rows, seen = [], set()
-    for line, raw in enumerate(raw_rows, start=2):
-        row = {(k or "").strip(): (v or "").strip() if isinstance(v, str) else "" for k, v in raw.items()}
-        if not any(row.values()):
-            continue
-        sid, tp = row["subject_id"], row["timepoint"]
-        for what, value in (("subject_id", sid), ("timepoint", tp)):
-            if not value:
-                raise InputError(f"line {line}: empty {what}", path)
-            if value in (".", "..") or "/" in value or "\\" in value:
-                raise InputError(f"line {line}: {what} {value!r} may not be a path", path)
-        if (sid, tp) in seen:
-            raise InputError(f"line {line}: {sid} has two rows for time point {tp}", path)
-        seen.add((sid, tp))
-        if row["input"] and not Path(row["input"]).is_absolute():
-            row["input"] = str(path.parent / row["input"])
-        rows.append(row)
-    if not rows:
-        raise InputError("manifest has no rows", path)
-    return rows, extras
-
-
-def _reusable(path: Path, subject_id: str, timepoint: str, method: Optional[str]) -> Optional[dict[str, Any]]:
-    """The result at ``path`` if it is complete and is this subject's time point (and method)."""
-    if not path.is_file():
-        return None
-    try:
-        measures = load_measures(path)
-    except InputError as exc:
-        log.warning("not reusing %s: %s", path, exc.reason)
-        return None
-    for key, want in (("subject_id", subject_id), ("timepoint", timepoint)):
-        if measures.get(key) not in (None, want, _safe_name(want)):
-            log.warning("not reusing %s: its %s is %s, not %s", path, key, measures.get(key), want)
-            return None
-    if method and result_signature(measures)["method"] != method:
-        log.info("not reusing %s: made with method %s, not %s", path, result_signature(measures)["method"], method)
-        return None
-    return measures
-
-
-def _results_for_manifest(
-    rows: Sequence[Mapping[str, str]],
-    out_dir: Path,
-    *,
-    timepoints: Iterable[str],
-    results_dir: Optional[Path] = None,
-    method: Optional[str] = None,
-    device: str = "auto",
-    quantify_config: str | Path | None = None,
-) -> dict[tuple[str, str], ScanResult]:
-    """The per-scan result of every manifest row whose time point is in ``timepoints``.
-
-    Reuses a complete ``<results_dir>/<subject>/<timepoint>/measures.json`` or
-    ``<out_dir>/scans/<subject>/<timepoint>/measures.json``; otherwise quantifies the row's input
-    into the latter. A scan that fails is recorded (``status="failed"``, ``error``), not raised.
-    This is the one place to swap for the ``ctquant batch`` runner.
-    """
-    wanted = set(timepoints)
-    out: dict[tuple[str, str], ScanResult] = {}
-    for row in rows:
-        sid, tp, src = row["subject_id"], row["timepoint"], row["input"]
-        if tp not in wanted:
-            continue
-        target = out_dir / "scans" / _safe_name(sid) / _safe_name(tp)
-        candidates = ([results_dir / _safe_name(sid) / _safe_name(tp) / "measures.json"] if results_dir else [])
-        candidates.append(target / "measures.json")
-        for candidate in candidates:
-            measures = _reusable(candidate, sid, tp, method)
-            if measures is not None:
-                out[(sid, tp)] = ScanResult(sid, tp, src, "reused", measures, str(candidate))
-                break
-        else:
-            if not src:
-                out[(sid, tp)] = ScanResult(sid, tp, src, "failed", error="no input in the manifest")
-                continue
-            try:
-                _quantify(src, target, method=method or "model", device=device, subject_id=sid,
-                          timepoint=tp, config_path=quantify_config)
-                measures = load_measures(target / "measures.json")
-                out[(sid, tp)] = ScanResult(sid, tp, src, "quantified", measures, str(target / "measures.json"))
-            except (ImportError, KeyboardInterrupt):
-                raise
-            except CtquantError as exc:
-                out[(sid, tp)] = ScanResult(sid, tp, src, "failed", error=str(exc))
-            except Exception as exc:  # a bug in one scan must not lose the cohort; recorded as such
-                log.debug("quantifying %s failed", src, exc_info=True)
-                first = str(exc).splitlines()[0] if str(exc) else ""
-                out[(sid, tp)] = ScanResult(sid, tp, src, "failed",
-                                            error=f"internal error ({type(exc).__name__}: {first})")
-    return out
-
-
-def _cohort_mismatch(results: Mapping[tuple[str, str], ScanResult]) -> list[dict[str, Any]]:
+def _cohort_mismatch(results: Mapping[tuple[str, str], ScanRecord]) -> list[dict[str, Any]]:
     """Groups of results made with different method / model / quantification config."""
     groups: dict[tuple, list[str]] = {}
     for (sid, tp), r in results.items():
@@ -999,14 +867,14 @@ def _cohort_mismatch(results: Mapping[tuple[str, str], ScanResult]) -> list[dict
     return [{**dict(sig), "results": scans} for sig, scans in groups.items()]
 
 
-def _extra_values(rows: Sequence[Mapping[str, str]], extras: Sequence[str]) -> dict[str, dict[str, str]]:
+def _extra_values(rows: Sequence[ManifestRow], extras: Sequence[str]) -> dict[str, dict[str, str]]:
     """Per subject, each extra manifest column: its value, or ``tp=value; ...`` where it varies."""
     out: dict[str, dict[str, str]] = {}
     for col in extras:
         per_subject: dict[str, list[tuple[str, str]]] = {}
         for row in rows:
-            if row.get(col):
-                per_subject.setdefault(row["subject_id"], []).append((row["timepoint"], row[col]))
+            if row.extra.get(col):
+                per_subject.setdefault(row.subject_id, []).append((row.timepoint, row.extra[col]))
         for sid, values in per_subject.items():
             distinct = {v for _, v in values}
             text = values[0][1] if len(distinct) == 1 else "; ".join(f"{tp}={v}" for tp, v in values)
@@ -1015,15 +883,18 @@ def _extra_values(rows: Sequence[Mapping[str, str]], extras: Sequence[str]) -> d
 
 
 def subject_row(endpoint: Endpoint, subject_id: str,
-                results: Mapping[tuple[str, str], ScanResult]) -> dict[str, Any]:
-    """One ``subjects.csv`` row: the participant's values, changes, verdict and reason for an endpoint."""
+                results: Mapping[tuple[str, str], ScanRecord]) -> dict[str, Any]:
+    """One ``subjects.csv`` row: the participant's values, changes, verdict and reason for an endpoint.
+
+    ``results`` maps the manifest's (subject, time point) to the scan's batch record.
+    """
     first, second = results.get((subject_id, endpoint.from_tp)), results.get((subject_id, endpoint.to_tp))
     problems = []
     for tp, r in ((endpoint.from_tp, first), (endpoint.to_tp, second)):
         if r is None:
             problems.append(f"no {tp} scan in the manifest")
         elif r.measures is None:
-            problems.append(f"{tp} scan failed: {r.error}")
+            problems.append(f"{tp} scan failed: {r.reason}")
     fm = first.measures if first else None
     sm = second.measures if second else None
     if problems:
@@ -1049,8 +920,8 @@ def subject_row(endpoint: Endpoint, subject_id: str,
     row["mismatch"] = "; ".join(m["field"] for m in result_mismatches(fm, sm)) if fm and sm else ""
     row["from_flags"] = "; ".join(map(str, fm.get("flags") or [])) if fm else ""
     row["to_flags"] = "; ".join(map(str, sm.get("flags") or [])) if sm else ""
-    row["from_result"] = first.path if first else None
-    row["to_result"] = second.path if second else None
+    row["from_result"] = _result_path(first) if first else None
+    row["to_result"] = _result_path(second) if second else None
     return row
 
 
@@ -1073,33 +944,46 @@ def run_endpoints(
     out_dir: str | Path,
     *,
     config_path: str | Path | None = None,
-    results_dir: str | Path | None = None,
     allow_mismatch: bool = False,
     method: Optional[str] = None,
     device: str = "auto",
     quantify_config: str | Path | None = None,
+    workers: int = 1,
+    scheduler: Optional[str] = None,
+    scan_results: Optional[Mapping[tuple[str, str], ScanRecord]] = None,
 ) -> dict[str, Any]:
     """Evaluate every endpoint over a manifest's cohort; write the tables and plots into ``out_dir``.
 
+    Without ``scan_results`` the manifest's scans are quantified by :func:`ctquant.batch.run_batch`
+    into ``out_dir`` (``scans/``, ``cohort.csv``, ``failures.csv``, ``batch.json``; current results are
+    reused, so a re-run only redoes what is missing, outdated or failed). ``scan_results`` (batch
+    records keyed by sanitized subject and time point, one per manifest row) are used instead; then
+    nothing is quantified.
+
     Writes ``endpoints.csv``/``endpoints.json`` (one row per endpoint: n evaluable, n with reduction,
     % with exact 95 % CI, who is not evaluable and why), ``subjects.csv`` (one row per participant
-    and endpoint) and per endpoint ``trajectory_<name>.png`` and ``waterfall_<name>.png``; and
-    ``failures.csv`` when a scan failed. Results of different method/model/config in the cohort raise
-    :class:`IncompatibleResults` unless ``allow_mismatch``. Returns the ``endpoints.json`` content
-    (its ``failures`` list is non-empty when scans failed).
+    and endpoint) and per endpoint ``trajectory_<name>.png`` and ``waterfall_<name>.png``. Results of
+    different method/model/config among the evaluated time points raise :class:`IncompatibleResults`
+    unless ``allow_mismatch``. Returns the ``endpoints.json`` content (its ``failures`` list holds
+    the failed scans' ``failures.csv`` rows).
     """
     config = load_endpoints(config_path)
     manifest = Path(manifest)
     out_dir = Path(out_dir)
     rows, extras = read_manifest(manifest)
-    timepoints = sorted({tp for ep in config.endpoints for tp in (ep.from_tp, ep.to_tp)})
-    unused = sorted({r["timepoint"] for r in rows} - set(timepoints))
+    if scan_results is None:
+        summary = run_batch(manifest, out_dir, method=method or "model", device=device, config_path=quantify_config,
+                            workers=workers, scheduler=scheduler, endpoints=False, progress=make_progress())
+        scan_results = {r.key: r for r in summary.records}
+    missing = [f"{row.subject_id}/{row.timepoint}" for row in rows if row.key not in scan_results]
+    if missing:
+        raise InputError(f"no scan result for {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}", manifest)
+    results = {(row.subject_id, row.timepoint): scan_results[row.key] for row in rows}
+    timepoints = {tp for ep in config.endpoints for tp in (ep.from_tp, ep.to_tp)}
+    unused = sorted({row.timepoint for row in rows} - timepoints)
     if unused:
-        log.info("manifest time points not used by any endpoint (not quantified): %s", ", ".join(unused))
-    results = _results_for_manifest(rows, out_dir, timepoints=timepoints,
-                                    results_dir=Path(results_dir) if results_dir else None,
-                                    method=method, device=device, quantify_config=quantify_config)
-    mismatch = _cohort_mismatch(results)
+        log.info("manifest time points not used by any endpoint: %s", ", ".join(unused))
+    mismatch = _cohort_mismatch({key: r for key, r in results.items() if key[1] in timepoints})
     if mismatch and not allow_mismatch:
         what = "; ".join(
             f"method={m['method']} model={str(m['model_sha256'])[:12]} config={str(m['config_sha256'])[:12]}: "
@@ -1107,7 +991,7 @@ def run_endpoints(
         raise IncompatibleResults(f"the cohort's results were made differently ({what}); "
                                   "use --allow-mismatch to evaluate anyway", manifest)
 
-    subjects = list(dict.fromkeys(r["subject_id"] for r in rows))
+    subjects = list(dict.fromkeys(row.subject_id for row in rows))
     extra_values = _extra_values(rows, extras)
     extra_cols = [c if c not in SUBJECT_COLUMNS else f"manifest_{c}" for c in extras]
     subject_rows, summaries, per_endpoint = [], [], {}
@@ -1121,8 +1005,7 @@ def run_endpoints(
         per_endpoint[ep.name] = ep_rows
         subject_rows.extend(ep_rows)
         summaries.append(cohort_summary(ep_rows, ep))
-    failures = [{"subject_id": r.subject_id, "timepoint": r.timepoint, "input": r.input, "error": r.error}
-                for r in results.values() if r.status == "failed"]
+    failures = [r.failure_row() for r in results.values() if r.status == "failed"]
     doc = {
         "schema": COHORT_SCHEMA,
         "endpoints": summaries,
@@ -1135,10 +1018,9 @@ def run_endpoints(
             "endpoint_definitions": [ep.as_dict() for ep in config.endpoints],
             "manifest": str(manifest),
             "manifest_sha256": file_sha256(manifest),
-            "results_dir": str(results_dir) if results_dir else None,
             "allow_mismatch": allow_mismatch,
             "scans": [{"subject_id": r.subject_id, "timepoint": r.timepoint, "input": r.input,
-                       "status": r.status, "measures": r.path, "error": r.error,
+                       "status": r.status, "measures": _result_path(r), "reason": r.reason or None,
                        **(result_signature(r.measures) if r.measures else {})}
                       for r in results.values()],
             "created_utc": _now(),
@@ -1154,11 +1036,6 @@ def run_endpoints(
         for ep in config.endpoints:
             plot_trajectories(per_endpoint[ep.name], ep, out.path(f"trajectory_{ep.name}.png"))
             plot_waterfall(per_endpoint[ep.name], ep, out.path(f"waterfall_{ep.name}.png"))
-        if failures:
-            out.write_csv("failures.csv", failures, ["subject_id", "timepoint", "input", "error"])
-    stale = out_dir / "failures.csv"
-    if not failures and stale.exists():  # from an earlier run whose failed scans now succeeded
-        stale.unlink()
     return doc
 
 

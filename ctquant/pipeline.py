@@ -175,6 +175,7 @@ def atomic_output_dir(out_dir: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "measures.json").unlink(missing_ok=True)  # an older result must not look complete midway
         names = sorted(p.name for p in tmp.iterdir())
         names.sort(key=lambda n: n == "measures.json")
         for name in names:

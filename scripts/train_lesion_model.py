@@ -250,7 +250,7 @@ def write_bundle_configs(config: dict[str, Any], checkpoint_name: str) -> None:
     metadata = {
         "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json",
         "version": "0.1.0",
-        "changelog": {"0.1.0": "first model: UNet trained on medseg-2d (35 slices) after pseudo-label pre-training"},
+        "changelog": {"0.1.0": f"first model: {arch['name']} trained on medseg-2d (35 slices) after pseudo-label pre-training"},
         "monai_version": monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,

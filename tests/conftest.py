@@ -21,7 +21,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
-    """The shipped synthetic study (baseline and day 14 series plus ground truth)."""
+    """The shipped synthetic study (baseline and day 14 series plus ground truth); it must be there."""
     if not (SAMPLE_DIR / "truth.json").exists():
-        pytest.skip("sample_dicom/ has not been generated (python scripts/make_sample_dicom.py)")
+        pytest.fail("sample_dicom/ is missing: regenerate it with python scripts/make_sample_dicom.py")
     return SAMPLE_DIR

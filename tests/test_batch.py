@@ -255,9 +255,17 @@ def test_killed_run_resumes_with_identical_measures(scans, reference, tmp_path):
         got = json.loads((out / "scans" / sid / tp / "measures.json").read_text())
         want = json.loads((reference / "scans" / sid / tp / "measures.json").read_text())
         assert got["lungs"] == want["lungs"] and got["bilateral"] == want["bilateral"]
-    # two time points per subject: the endpoint report is written from the batch's results
+    # two time points per subject: the endpoint report is written from the batch's own records
     assert summary.endpoints is not None and (out / "endpoints" / "endpoints.csv").is_file()
-    assert not (out / "endpoints" / "scans").exists()  # nothing re-quantified by the endpoint report
+    report = out / "endpoints"
+    assert sorted(p.name for p in report.iterdir() if not p.name.endswith(".png")) == [
+        "endpoints.csv", "endpoints.json", "subjects.csv"]  # nothing re-quantified, no derived manifest
+    used = json.loads((report / "endpoints.json").read_text())["provenance"]["scans"]
+    assert [(s["subject_id"], s["timepoint"], s["status"]) for s in used] == [
+        (r.subject_id, r.timepoint, r.status) for r in summary.records]
+    assert all(s["measures"] == str(out.resolve() / "scans" / s["subject_id"] / s["timepoint"] / "measures.json")
+               for s in used)
+    assert {r["arm"] for r in read_csv(report / "subjects.csv")} == {"A", "B"}  # manifest extras carried
     # a second re-run has nothing to do
     again = run_batch(scans / "manifest.csv", out, method="hu", device="cpu", endpoints=False)
     assert again.counts == {"ok": 0, "skipped": 4, "failed": 0}
@@ -298,6 +306,15 @@ def test_config_change_recomputes_and_input_change_is_detected(scans, reference,
     todo, skipped = plan(rows, out, settings)
     assert len(todo) == 1 and not skipped
     assert not (out / "scans" / "P2" / "day14" / "measures.json").exists()  # outdated result invalidated
+    # a manifest series_uid must match the series the result was made from
+    uid = json.loads((out / "scans" / "P1" / "baseline" / "measures.json").read_text())["provenance"]["series_instance_uid"]
+    for series, want in ((uid, True), ("1.2.3.4", False)):
+        m4 = write_manifest(tmp_path / "m4.csv", [{"subject_id": "P1", "timepoint": "baseline", "series_uid": series,
+                                                   "input": str(scans / "dicom" / "P1_baseline")}])
+        current, why = batch.result_is_current(out / "scans" / "P1" / "baseline", settings,
+                                               input_fingerprint(scans / "dicom" / "P1_baseline"), ("P1", "baseline"),
+                                               read_manifest(m4)[0][0].series_uid)
+        assert current is want and why == ("" if want else "series changed")
     # a missing input (an unmounted share?) fails that scan but does not throw its old result away
     gone = write_manifest(tmp_path / "m3.csv", [{"subject_id": "P1", "timepoint": "day14", "input": "nowhere"}])
     todo, skipped = plan(read_manifest(gone)[0], out, settings)
@@ -306,6 +323,21 @@ def test_config_change_recomputes_and_input_change_is_detected(scans, reference,
     # asking for DICOM SEG too: results without segmentation.dcm are not current
     todo, skipped = plan(read_manifest(manifest)[0], out, make_settings("hu", "cpu", seg_format="both"))
     assert len(todo) == 4 and not skipped
+
+
+def test_endpoint_report_uses_the_batch_records_and_reasons(scans, reference, tmp_path):
+    rows, _ = read_manifest(scans / "manifest.csv")
+    _, current = plan(rows, reference, make_settings("hu", "cpu"))
+    records = {r.key: r for r in current}
+    records[("P2", "day14")] = batch.ScanRecord("P2", "day14", rows[3].input, str(tmp_path / "nowhere"), "failed",
+                                                exit_code=3, category="InputError", reason="no DICOM files found")
+    doc = batch.endpoint_report(scans / "manifest.csv", records, tmp_path)
+    assert (tmp_path / "endpoints" / "endpoints.csv").is_file() and not (tmp_path / "scans").exists()
+    assert [(f["subject_id"], f["category"], f["reason"]) for f in doc["failures"]] == [
+        ("P2", "InputError", "no DICOM files found")]
+    for summary in doc["endpoints"]:
+        assert summary["n_subjects"] == 2
+        assert {"subject_id": "P2", "reason": "day14 scan failed: no DICOM files found"} in summary["not_evaluable"]
 
 
 def test_one_batch_per_output_folder(scans, tmp_path):

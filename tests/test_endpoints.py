@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,9 @@ from scipy.stats import beta
 from typer.testing import CliRunner
 
 from ctquant import endpoints as E
+from ctquant.batch import ScanRecord, read_manifest
 from ctquant.cli import app
+from ctquant.config import config_hash, load_quantify_config
 from ctquant.errors import IncompatibleResults, InputError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -399,25 +400,32 @@ def test_compare_unmatched_time_points_writes_table_only(tmp_path):
 
 
 class FakePipeline:
-    """Stands in for ``ctquant.pipeline``: writes a measures folder per call, or fails on request."""
+    """Stands in for ``pipeline.quantify_to_dir``: lays out a results folder from hand-made measures as
+    the pipeline would (so that the batch finds it current on a re-run), or fails on request."""
 
     def __init__(self, values: dict[tuple[str, str], dict], fail: set[tuple[str, str]] = frozenset()):
-        self.values, self.fail, self.calls = values, fail, []
+        self.values, self.fail, self.calls = values, set(fail), []
 
     def quantify_to_dir(self, input_path, out_dir, *, method="model", device="auto", subject_id=None,
-                        timepoint=None, config_path=None, **_):
+                        timepoint=None, config_path=None, extra_provenance=None, **_):
         self.calls.append({"input": str(input_path), "out": str(out_dir), "method": method,
                            "subject_id": subject_id, "timepoint": timepoint})
         if (subject_id, timepoint) in self.fail:
             raise InputError("not a CT series", input_path)
-        m = self.values[(subject_id, timepoint)]
-        write_result(Path(out_dir), m)
+        m = copy.deepcopy(self.values[(subject_id, timepoint)])
+        m["provenance"].update(extra_provenance or {})
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "measures.csv").write_text(f"subject_id,timepoint\n{subject_id},{timepoint}\n")
+        for name in ("lungs.nii.gz", "lesions.nii.gz"):
+            (out / name).write_bytes(b"")
+        write_result(out, m)  # measures.json last
         return m
 
     def install(self, monkeypatch):
-        module = types.ModuleType("ctquant.pipeline")
-        module.quantify_to_dir = self.quantify_to_dir
-        monkeypatch.setitem(sys.modules, "ctquant.pipeline", module)
+        from ctquant import pipeline
+
+        monkeypatch.setattr(pipeline, "quantify_to_dir", self.quantify_to_dir)
         return self
 
 
@@ -466,45 +474,66 @@ COHORT = {
 }
 
 
-def cohort_results(tmp_path: Path, subjects=("S01", "S02", "S03", "S04", "S05", "S06", "S07", "S08", "S09", "S10"),
-                   **kw) -> tuple[Path, Path]:
-    """Results folders ``<results>/<subject>/<tp>/`` and a manifest listing them (with day2 rows)."""
-    results = tmp_path / "results"
+#: Hand-made results as ``--method hu`` with the default quantification config makes them (current for the batch).
+HU = dict(method="hu", model_sha=None, config_sha=config_hash(load_quantify_config()))
+
+
+def cohort(tmp_path: Path, subjects=tuple(COHORT), day2: dict | None = None,
+           **kw) -> tuple[Path, dict[tuple[str, str], dict]]:
+    """A manifest (baseline, day2, day14 rows; arm and site columns; an input folder per row) and each
+    row's hand-made measures; day 2 as baseline unless ``day2`` gives the subject's (right, left) GGO %."""
     lines = ["subject_id,timepoint,input,arm,site"]
+    values = {}
     for i, sid in enumerate(subjects):
         br, bl, fr, fl = COHORT[sid]
-        arm = "active" if i % 2 == 0 else "placebo"
-        write_result(results / sid / "baseline", measures(sid=sid, right=br, left=bl, cons=0.5, **kw))
-        lines.append(f"{sid},baseline,scans/{sid}_b,{arm},site-{i % 3}")
-        lines.append(f"{sid},day2,scans/{sid}_d2,{arm},site-{i % 3}")
+        arm, site = "active" if i % 2 == 0 else "placebo", f"site-{i % 3}"
+        scans = {"baseline": (br, bl, "20260101"), "day2": (*(day2 or {}).get(sid, (br, bl)), "20260103")}
         if fr is not None:
-            write_result(results / sid / "day14", measures(sid=sid, tp="day14", right=fr, left=fl, cons=0.5,
-                                                           study_date="20260115", **kw))
-            lines.append(f"{sid},day14,scans/{sid}_d14,{arm},site-{i % 3}")
+            scans["day14"] = (fr, fl, "20260115")
+        for tp, (right, left, when) in scans.items():
+            values[(sid, tp)] = measures(sid=sid, tp=tp, right=right, left=left, cons=0.5, study_date=when, **kw)
+            (tmp_path / "scans" / f"{sid}_{tp}").mkdir(parents=True)
+            lines.append(f"{sid},{tp},scans/{sid}_{tp},{arm},{site}")
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("\n".join(lines) + "\n")
-    return manifest, results
+    return manifest, values
+
+
+def scan_results(manifest: Path, values: dict[tuple[str, str], dict], out: Path) -> dict[tuple[str, str], ScanRecord]:
+    """The batch records of the manifest's rows, made from hand-made measures (current results)."""
+    rows, _ = read_manifest(manifest)
+    return {row.key: ScanRecord(row.subject_id, row.timepoint, row.input, str(out / "scans" / row.key[0] / row.key[1]),
+                                "skipped", measures=values[(row.subject_id, row.timepoint)])
+            for row in rows}
 
 
 @pytest.fixture()
 def no_pipeline(monkeypatch):
-    """Any attempt to quantify fails the test (every result must be reused)."""
+    """Any attempt to quantify fails the test."""
+    from ctquant import pipeline
+
     def refuse(*args, **kwargs):
         raise AssertionError(f"unexpected quantification of {args}")
-    module = types.ModuleType("ctquant.pipeline")
-    module.quantify_to_dir = refuse
-    monkeypatch.setitem(sys.modules, "ctquant.pipeline", module)
+
+    monkeypatch.setattr(pipeline, "quantify_to_dir", refuse)
 
 
-def test_endpoints_cli_end_to_end(tmp_path, no_pipeline):
-    manifest, results = cohort_results(tmp_path)
+def endpoints_cli(manifest: Path, out: Path, *args: str):
+    return runner.invoke(app, ["endpoints", str(manifest), "--out", str(out), "--method", "hu", "--device", "cpu",
+                               *args])
+
+
+def test_endpoints_cli_end_to_end(tmp_path, monkeypatch):
+    manifest, values = cohort(tmp_path, **HU)
+    fake = FakePipeline(values).install(monkeypatch)
     out = tmp_path / "out"
-    result = runner.invoke(app, ["endpoints", str(manifest), "--out", str(out), "--results", str(results)])
+    result = endpoints_cli(manifest, out)
     assert result.exit_code == 0, result.output
     assert "bilateral_ggo_reduction" in result.output
+    assert len(fake.calls) == len(values) == 29  # the batch quantifies every manifest row (day 2 too)
 
-    cohort = {r["endpoint"]: r for r in read_csv(out / "endpoints.csv")}
-    ggo = cohort["bilateral_ggo_reduction"]
+    cohort_table = {r["endpoint"]: r for r in read_csv(out / "endpoints.csv")}
+    ggo = cohort_table["bilateral_ggo_reduction"]
     assert (ggo["n_subjects"], ggo["n_evaluable"], ggo["n_reduction"]) == ("10", "8", "4")
     lo, hi = exact_cp(4, 8)
     assert float(ggo["pct_reduction"]) == 50.0
@@ -515,7 +544,7 @@ def test_endpoints_cli_end_to_end(tmp_path, no_pipeline):
     assert ggo["endpoints_config_sha256"] == E.load_endpoints().sha256
     # infiltration = GGO + 0.5 % consolidation per lung: S09's left lung is 0.6 % → bilateral, 5.05 → 1.5
     # (reduction); S03 4.5 → 3.5 is −22 %: no reduction (unlike its GGO); S01, S02, S05 reduce.
-    infl = cohort["bilateral_infiltration_reduction"]
+    infl = cohort_table["bilateral_infiltration_reduction"]
     assert (infl["n_evaluable"], infl["n_reduction"]) == ("9", "4")
     assert "S10: no day14 scan in the manifest" == infl["not_evaluable"]
 
@@ -533,6 +562,8 @@ def test_endpoints_cli_end_to_end(tmp_path, no_pipeline):
     assert by[("bilateral_ggo_reduction", "S01")]["arm"] == "active"     # extra manifest columns kept
     assert by[("bilateral_ggo_reduction", "S02")]["site"] == "site-1"
     assert by[("bilateral_ggo_reduction", "S01")]["days_between"] == "14"
+    scans = out.resolve() / "scans"
+    assert by[("bilateral_ggo_reduction", "S01")]["from_result"] == str(scans / "S01" / "baseline" / "measures.json")
 
     doc = json.loads((out / "endpoints.json").read_text())
     assert doc["failures"] == [] and doc["mismatch"] == []
@@ -541,36 +572,37 @@ def test_endpoints_cli_end_to_end(tmp_path, no_pipeline):
     prov = doc["provenance"]
     assert prov["ctquant_version"] and prov["endpoints_config_sha256"] == E.load_endpoints().sha256
     assert len(prov["manifest_sha256"]) == 64
-    assert {s["status"] for s in prov["scans"]} == {"reused"}
-    assert not any(s["timepoint"] == "day2" for s in prov["scans"])  # unused time points not run
+    assert {s["status"] for s in prov["scans"]} == {"ok"} and len(prov["scans"]) == 29
 
     for name in ("bilateral_ggo_reduction", "bilateral_infiltration_reduction"):
         assert_png(out / f"trajectory_{name}.png")
         assert_png(out / f"waterfall_{name}.png")
-    assert not (out / "failures.csv").exists()
-    assert not list(out.glob(".*.tmp"))
+    # the batch's own outputs, in the same folder
+    assert read_csv(out / "failures.csv") == []
+    assert len(read_csv(out / "cohort.csv")) == 29 and (out / "batch.json").is_file()
+    assert not list(out.glob(".*.tmp")) and not (out / ".batch.lock").exists()
 
 
 def test_endpoints_all_and_none_reduced(tmp_path, no_pipeline):
-    subjects = ("S01", "S02", "S03", "S05")
-    manifest, results = cohort_results(tmp_path, subjects)
+    manifest, values = cohort(tmp_path, ("S01", "S02", "S03", "S05"))
     out = tmp_path / "out"
-    doc = E.run_endpoints(manifest, out, results_dir=results)
+    doc = E.run_endpoints(manifest, out, scan_results=scan_results(manifest, values, out))
     ggo = {s["endpoint"]: s for s in doc["endpoints"]}["bilateral_ggo_reduction"]
     assert (ggo["n_evaluable"], ggo["n_reduction"]) == (4, 4)
     assert ggo["ci95"] == pytest.approx(list(exact_cp(4, 4)), abs=1e-10) and ggo["ci95"][1] == 1.0
+    assert not (out / "scans").exists() and not (out / "cohort.csv").exists()  # nothing was run
 
-    manifest, results = cohort_results(tmp_path / "b", ("S04", "S06", "S07", "S08"))
-    doc = E.run_endpoints(manifest, tmp_path / "b" / "out", results_dir=results)
+    manifest, values = cohort(tmp_path / "b", ("S04", "S06", "S07", "S08"))
+    out = tmp_path / "b" / "out"
+    doc = E.run_endpoints(manifest, out, scan_results=scan_results(manifest, values, out))
     ggo = {s["endpoint"]: s for s in doc["endpoints"]}["bilateral_ggo_reduction"]
     assert (ggo["n_evaluable"], ggo["n_reduction"], ggo["ci95"][0]) == (4, 0, 0.0)
 
 
-def test_yaml_added_endpoint_is_picked_up(tmp_path, no_pipeline):
-    manifest, results = cohort_results(tmp_path, ("S01", "S02", "S06"))
-    # day 2 results exist too: the new endpoint compares baseline with day 2
-    for sid, (r, l) in {"S01": (9.0, 7.0), "S02": (6.0, 6.0), "S06": (1.0, 1.0)}.items():
-        write_result(results / sid / "day2", measures(sid=sid, tp="day2", right=r, left=l, cons=0.5))
+def test_yaml_added_endpoint_is_picked_up(tmp_path, monkeypatch):
+    manifest, values = cohort(tmp_path, ("S01", "S02", "S06"),
+                              day2={"S01": (9.0, 7.0), "S02": (6.0, 6.0), "S06": (1.0, 1.0)}, **HU)
+    FakePipeline(values).install(monkeypatch)
     config = tmp_path / "mine.yaml"
     config.write_text(E.DEFAULT_CONFIG.read_text() + """
   - name: early_consolidation_volume
@@ -586,16 +618,16 @@ def test_yaml_added_endpoint_is_picked_up(tmp_path, no_pipeline):
     evaluate: each
 """)
     out = tmp_path / "out"
-    result = runner.invoke(app, ["endpoints", str(manifest), "--out", str(out), "--results", str(results),
-                                 "--config", str(config)])
+    result = endpoints_cli(manifest, out, "--config", str(config))
     assert result.exit_code == 0, result.output
-    cohort = {r["endpoint"]: r for r in read_csv(out / "endpoints.csv")}
-    assert set(cohort) == {"bilateral_ggo_reduction", "bilateral_infiltration_reduction",
-                           "early_consolidation_volume", "ggo_day2_each_lung"}
+    cohort_table = {r["endpoint"]: r for r in read_csv(out / "endpoints.csv")}
+    assert set(cohort_table) == {"bilateral_ggo_reduction", "bilateral_infiltration_reduction",
+                                 "early_consolidation_volume", "ggo_day2_each_lung"}
     # consolidation is 0.5 % at every time point: no participant reduces it
-    assert (cohort["early_consolidation_volume"]["n_evaluable"], cohort["early_consolidation_volume"]["n_reduction"]) == ("3", "0")
+    early = cohort_table["early_consolidation_volume"]
+    assert (early["n_evaluable"], early["n_reduction"]) == ("3", "0")
     # GGO baseline → day 2, each lung: S01 (10, 8) → (9, 7) no; S02 (6, 6) → (6, 6) no; S06 (3, 3) → (1, 1) yes
-    each = cohort["ggo_day2_each_lung"]
+    each = cohort_table["ggo_day2_each_lung"]
     assert (each["to"], each["evaluate"], each["n_evaluable"], each["n_reduction"]) == ("day2", "each", "3", "1")
     assert_png(out / "waterfall_early_consolidation_volume.png")
     assert_png(out / "trajectory_ggo_day2_each_lung.png")
@@ -604,44 +636,51 @@ def test_yaml_added_endpoint_is_picked_up(tmp_path, no_pipeline):
     assert doc["provenance"]["endpoints_config_sha256"] != E.load_endpoints().sha256
 
 
-def test_endpoints_quantifies_missing_results_and_reports_failures(tmp_path, monkeypatch):
-    manifest, results = cohort_results(tmp_path, ("S01", "S02", "S03"))
-    values = {(sid, tp): json.loads((results / sid / tp / "measures.json").read_text())
-              for sid in ("S01", "S02", "S03") for tp in ("baseline", "day14")}
+def test_endpoints_reports_failed_scans_and_a_rerun_retries_only_them(tmp_path, monkeypatch):
+    manifest, values = cohort(tmp_path, ("S01", "S02", "S03"), **HU)
     fake = FakePipeline(values, fail={("S02", "baseline")}).install(monkeypatch)
     out = tmp_path / "out"
-    result = runner.invoke(app, ["endpoints", str(manifest), "--out", str(out), "--method", "model"])
+    result = endpoints_cli(manifest, out)
     assert result.exit_code == 8, result.output
-    assert len(fake.calls) == 6  # day2 rows are not quantified
-    assert fake.calls[0] == {"input": str(tmp_path / "scans" / "S01_b"), "out": str(out / "scans" / "S01" / "baseline"),
-                             "method": "model", "subject_id": "S01", "timepoint": "baseline"}
+    assert "1 scan(s) failed" in result.output
+    assert len(fake.calls) == 9
+    assert fake.calls[0] == {"input": str((tmp_path / "scans" / "S01_baseline").resolve()),
+                             "out": str(out.resolve() / "scans" / "S01" / "baseline"),
+                             "method": "hu", "subject_id": "S01", "timepoint": "baseline"}
     failures = read_csv(out / "failures.csv")
-    assert [(f["subject_id"], f["timepoint"]) for f in failures] == [("S02", "baseline")]
-    assert "not a CT series" in failures[0]["error"]
+    assert [(f["subject_id"], f["timepoint"], f["exit_code"], f["category"], f["reason"]) for f in failures] == [
+        ("S02", "baseline", "3", "InputError", "not a CT series")]
     ggo = {r["endpoint"]: r for r in read_csv(out / "endpoints.csv")}["bilateral_ggo_reduction"]
     assert (ggo["n_evaluable"], ggo["n_reduction"]) == ("2", "2")
-    assert "S02: baseline scan failed:" in ggo["not_evaluable"]
+    assert "S02: baseline scan failed: not a CT series" in ggo["not_evaluable"]
+    doc = json.loads((out / "endpoints.json").read_text())
+    assert doc["failures"] == [{"subject_id": "S02", "timepoint": "baseline", "input": fake.calls[3]["input"],
+                                "exit_code": 3, "category": "InputError", "reason": "not a CT series"}]
 
-    # a second run reuses what was quantified and retries only the failed scan
+    # a second run reuses the batch's current results and retries only the failed scan
     fake.fail, fake.calls = set(), []
-    result = runner.invoke(app, ["endpoints", str(manifest), "--out", str(out)])
+    result = endpoints_cli(manifest, out)
     assert result.exit_code == 0, result.output
+    assert "1 scan(s) to quantify, 8 current result(s) skipped" in result.output
     assert [(c["subject_id"], c["timepoint"]) for c in fake.calls] == [("S02", "baseline")]
-    assert not (out / "failures.csv").exists()
+    assert read_csv(out / "failures.csv") == []
     statuses = {(s["subject_id"], s["timepoint"]): s["status"]
                 for s in json.loads((out / "endpoints.json").read_text())["provenance"]["scans"]}
-    assert statuses[("S02", "baseline")] == "quantified" and statuses[("S01", "day14")] == "reused"
+    assert statuses[("S02", "baseline")] == "ok" and statuses[("S01", "day14")] == "skipped"
+    ggo = {r["endpoint"]: r for r in read_csv(out / "endpoints.csv")}["bilateral_ggo_reduction"]
+    assert (ggo["n_evaluable"], ggo["n_reduction"]) == ("3", "3")
 
 
-def test_endpoints_refuses_mixed_models_in_cohort(tmp_path, no_pipeline):
-    manifest, results = cohort_results(tmp_path, ("S01", "S02"))
-    write_result(results / "S02" / "day14", measures(sid="S02", tp="day14", right=2, left=2, model_sha="f" * 64))
+def test_endpoints_refuses_mixed_models_in_cohort(tmp_path, monkeypatch):
+    manifest, values = cohort(tmp_path, ("S01", "S02"), **HU)
+    values[("S02", "day14")] = measures(sid="S02", tp="day14", right=2, left=2, **{**HU, "model_sha": "f" * 64})
+    FakePipeline(values).install(monkeypatch)
     out = tmp_path / "out"
-    result = runner.invoke(app, ["endpoints", str(manifest), "--out", str(out), "--results", str(results)])
+    result = endpoints_cli(manifest, out)
     assert result.exit_code == 9, result.output
+    assert "--allow-mismatch" in result.output
     assert not (out / "endpoints.csv").exists()
-    result = runner.invoke(app, ["endpoints", str(manifest), "--out", str(out), "--results", str(results),
-                                 "--allow-mismatch"])
+    result = endpoints_cli(manifest, out, "--allow-mismatch")
     assert result.exit_code == 0, result.output
     doc = json.loads((out / "endpoints.json").read_text())
     assert len(doc["mismatch"]) == 2 and doc["provenance"]["allow_mismatch"] is True
@@ -649,8 +688,16 @@ def test_endpoints_refuses_mixed_models_in_cohort(tmp_path, no_pipeline):
     assert s02["mismatch"] == "model_sha256"
 
 
+def test_mismatch_at_an_unevaluated_time_point_is_not_refused(tmp_path, no_pipeline):
+    manifest, values = cohort(tmp_path, ("S01", "S02"))
+    values[("S02", "day2")] = measures(sid="S02", tp="day2", model_sha="f" * 64)  # no endpoint uses day 2
+    out = tmp_path / "out"
+    doc = E.run_endpoints(manifest, out, scan_results=scan_results(manifest, values, out))
+    assert doc["mismatch"] == []
+
+
 def test_endpoints_outputs_are_all_or_nothing(tmp_path, no_pipeline, monkeypatch):
-    manifest, results = cohort_results(tmp_path, ("S01", "S02"))
+    manifest, values = cohort(tmp_path, ("S01", "S02"))
     out = tmp_path / "out"
 
     def broken(*args, **kwargs):
@@ -658,16 +705,25 @@ def test_endpoints_outputs_are_all_or_nothing(tmp_path, no_pipeline, monkeypatch
 
     monkeypatch.setattr(E, "plot_waterfall", broken)
     with pytest.raises(RuntimeError):
-        E.run_endpoints(manifest, out, results_dir=results)
+        E.run_endpoints(manifest, out, scan_results=scan_results(manifest, values, out))
     assert sorted(p.name for p in out.iterdir()) == []  # no csv, json, png, nor temporary file
+
+
+def test_scan_results_must_cover_the_manifest(tmp_path, no_pipeline):
+    manifest, values = cohort(tmp_path, ("S01",))
+    out = tmp_path / "out"
+    given = scan_results(manifest, values, out)
+    del given[("S01", "day2")]
+    with pytest.raises(InputError, match="no scan result for S01/day2"):
+        E.run_endpoints(manifest, out, scan_results=given)
 
 
 @pytest.mark.parametrize(
     "content, message",
     [
         ("subject_id,input\nS01,x\n", "lacks column(s) timepoint"),
-        ("subject_id,timepoint,input\nS01,baseline,a\nS01,baseline,b\n", "S01 has two rows for time point baseline"),
-        ("subject_id,timepoint,input\n../S01,baseline,a\n", "may not be a path"),
+        ("subject_id,timepoint,input\nS01,baseline,a\nS01,baseline,b\n", "duplicate subject/time point S01/baseline"),
+        ("subject_id,timepoint,input\n../..,baseline,a\n", "has no letters or digits"),
         ("subject_id,timepoint,input\n", "manifest has no rows"),
     ],
 )
@@ -677,3 +733,43 @@ def test_bad_manifest_is_an_input_error(tmp_path, content, message):
     result = runner.invoke(app, ["endpoints", str(manifest), "--out", str(tmp_path / "o")])
     assert result.exit_code == 3, result.output
     assert message in result.output and str(manifest) in result.output
+    assert not (tmp_path / "o").exists()  # refused before the batch started
+
+
+def test_endpoints_on_real_phantom_scans(tmp_path):
+    """The real path: ``ctquant endpoints`` quantifies tiny phantom scans with the batch, then re-uses them."""
+    from ctquant.phantom import make_phantom, uid_from, write_dicom_series
+
+    lines = ["subject_id,timepoint,input"]
+    for sid, seed in (("P1", 1), ("P2", 2)):
+        for tp, when in (("baseline", "20200401"), ("day14", "20200415")):
+            ph = make_phantom((24, 96, 96), (8.0, 3.6, 3.6), timepoint=tp, severity=1.0, seed=seed)
+            write_dicom_series(ph, tmp_path / "dicom" / f"{sid}_{tp}", study_uid=uid_from(sid, tp, "study"),
+                               series_uid=uid_from(sid, tp, "series"), frame_of_reference_uid=uid_from(sid, "for"),
+                               study_date=when, series_description="chest", series_number=1, patient_id=sid,
+                               patient_name=f"Test^{sid}", seed=seed)
+            lines.append(f"{sid},{tp},dicom/{sid}_{tp}")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    result = endpoints_cli(manifest, out)
+    assert result.exit_code == 0, result.output
+    assert "4 scan(s) to quantify, 0 current result(s) skipped" in result.output
+    for sid in ("P1", "P2"):
+        for tp in ("baseline", "day14"):
+            assert (out / "scans" / sid / tp / "measures.json").is_file()
+    table = read_csv(out / "endpoints.csv")
+    assert [(r["endpoint"], r["n_subjects"]) for r in table] == [
+        ("bilateral_ggo_reduction", "2"), ("bilateral_infiltration_reduction", "2")]
+    subjects = read_csv(out / "subjects.csv")
+    assert {r["days_between"] for r in subjects} == {"14"}
+    assert {r["verdict"] for r in subjects} == {"reduction"}  # the phantom's lesions shrink by day 14 (~ −50 %)
+    assert all(r["from_result"].startswith(str(out.resolve() / "scans")) for r in subjects)
+    assert {s["status"] for s in json.loads((out / "endpoints.json").read_text())["provenance"]["scans"]} == {"ok"}
+    assert_png(out / "waterfall_bilateral_ggo_reduction.png")
+    before = (out / "endpoints.csv").read_text()
+
+    result = endpoints_cli(manifest, out)  # resumable: nothing to quantify, same answer
+    assert result.exit_code == 0, result.output
+    assert "0 scan(s) to quantify, 4 current result(s) skipped" in result.output
+    assert (out / "endpoints.csv").read_text() == before
