@@ -21,6 +21,7 @@ nearest-neighbour upsampling of labels).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +139,7 @@ def save_lesion_model(network: torch.nn.Module, path: str | Path, metadata: dict
     for key in ("architecture", "input_size", "hu_window", "classes"):
         if key not in metadata:
             raise ValueError(f"metadata lacks {key!r}")
+    metadata = json.loads(json.dumps(metadata))  # builtins only, so that weights_only loading accepts it
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
@@ -210,6 +212,20 @@ def predict_proba(model: LesionModel, slices_unit: np.ndarray) -> torch.Tensor:
     return _resize(probs, (height, width)).cpu()
 
 
+def probabilities_to_labels(probs: torch.Tensor) -> torch.Tensor:
+    """Argmax over the class axis of (n, c, h, w) → (n, h, w) uint8; ties go to the lower class.
+
+    Element-wise running maximum: several times faster on the CPU than ``argmax(dim=1)``.
+    """
+    best = probs[:, 0]
+    labels = torch.zeros(best.shape, dtype=torch.uint8)
+    for cls in range(1, probs.shape[1]):
+        better = probs[:, cls] > best
+        labels[better] = cls
+        best = torch.maximum(best, probs[:, cls])
+    return labels
+
+
 def predict_slices(model: LesionModel, slices_unit: np.ndarray, batch_size: int = 16) -> np.ndarray:
     """Labels (n, h, w) uint8 (0 background, 1 GGO, 2 consolidation) for (n, h, w) unit-range slices."""
     slices_unit = np.asarray(slices_unit, dtype=np.float32)
@@ -218,7 +234,7 @@ def predict_slices(model: LesionModel, slices_unit: np.ndarray, batch_size: int 
     out = np.zeros(slices_unit.shape, dtype=np.uint8)
     for start in range(0, len(slices_unit), max(1, int(batch_size))):
         probs = predict_proba(model, slices_unit[start:start + batch_size])
-        out[start:start + batch_size] = probs.argmax(dim=1).to(torch.uint8).numpy()
+        out[start:start + batch_size] = probabilities_to_labels(probs).numpy()
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from .lesions import CONSOLIDATION, GGO
 from .lungs import LEFT, RIGHT
@@ -28,10 +29,16 @@ def lung_measures(hu: np.ndarray, lung_labels: np.ndarray, lesion_labels: np.nda
                   spacing_mm: tuple[float, float, float]) -> dict[str, dict[str, float]]:
     """Per lung (right, left) and both: volumes in mL, % of that lung's volume, mean lung HU."""
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
-    # One pass: counts per (lung label, lesion label) pair and HU sums per lung label.
-    pair = lung_labels.astype(np.int32) * 3 + np.minimum(lesion_labels, 2)
-    counts = np.bincount(pair.ravel(), minlength=9).reshape(3, 3)
-    hu_sums = np.bincount(lung_labels.ravel(), weights=hu.ravel().astype(np.float64), minlength=3)
+    counts = np.zeros((3, 3), dtype=np.int64)
+    hu_sums = np.zeros(3, dtype=np.float64)
+    if lung_labels.any():
+        # Inside the lungs' bounding box: counts per (lung, lesion) label pair, HU sums per lung.
+        box = ndi.find_objects((lung_labels > 0).astype(np.uint8))[0]
+        lungs, lesions, hu = lung_labels[box], lesion_labels[box], hu[box]
+        pair = lungs * np.uint8(3) + np.minimum(lesions, 2)
+        counts = np.bincount(pair.ravel(), minlength=9).reshape(3, 3)
+        for label in (RIGHT, LEFT):
+            hu_sums[label] = float(hu[lungs == label].sum(dtype=np.int64))
     out: dict[str, dict[str, float]] = {}
     for side, rows in (("right", [RIGHT]), ("left", [LEFT]), ("both", [RIGHT, LEFT])):
         lung_n = counts[rows].sum()

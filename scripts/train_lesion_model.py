@@ -158,6 +158,23 @@ def load_pseudo(root: Path, size_px: tuple[int, int], tissue_grey: float, max_sl
     return images, masks
 
 
+def cv_split(root: Path, names: list[str], fold: int, n_folds: int, seed: int) -> dict[str, list[str]]:
+    """Fold ``fold`` of ``n_folds``, stratified by lesion share (sorted, then dealt out in shuffled rounds)."""
+    share = {n: float((read_label(root / "medseg-2d" / "labels" / f"{Path(n).stem}.png") > 0).mean()) for n in names}
+    ordered = sorted(names, key=lambda n: (share[n], n))
+    rng = np.random.default_rng(seed)
+    assignment = {}
+    for start in range(0, len(ordered), n_folds):
+        group = ordered[start:start + n_folds]
+        for name, k in zip(group, rng.permutation(n_folds)[: len(group)]):
+            assignment[name] = int(k)
+    if "17.jpg" in assignment and "16.jpg" in assignment:  # probably one scan: keep them together
+        assignment["17.jpg"] = assignment["16.jpg"]
+    val = sorted((n for n in names if assignment[n] == fold), key=lambda n: int(Path(n).stem))
+    train = sorted((n for n in names if assignment[n] != fold), key=lambda n: int(Path(n).stem))
+    return {"train": train, "val": val}
+
+
 def make_augment(cfg: dict[str, Any], size_px: tuple[int, int], seed: int) -> Compose:
     """MONAI dictionary transforms on {"image": (1,h,w) float, "label": (1,h,w)}."""
     keys = ["image", "label"]
@@ -287,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO_ROOT / "models" / "lesion_model.pt"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--no-bundle", action="store_true", help="do not rewrite configs/inference.json, metadata.json")
+    parser.add_argument("--init", default=None, help="start from this checkpoint's weights (e.g. a saved pre-training)")
+    parser.add_argument("--save-pretrained", default=None, help="also save the weights after pre-training here")
+    parser.add_argument("--cv-fold", default=None, metavar="K/N",
+                        help="cross-validation: hold out fold K of N (0-based) of all medseg-2d slices instead of "
+                             "the split file's validation slices")
+    parser.add_argument("--result-json", default=None, help="write the final validation figures here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
 
@@ -303,6 +326,12 @@ def main(argv: list[str] | None = None) -> int:
         log.error("real data not found at %s", root)
         return 2
     split = json.loads((REPO_ROOT / config["data"]["split"]).read_text())
+    if args.cv_fold:
+        fold, n_folds = (int(v) for v in args.cv_fold.split("/"))
+        split = cv_split(root, split["train"] + split["val"], fold, n_folds, seed)
+        args.no_bundle = True
+        log.info("cross-validation fold %d/%d: %d train, %d held out: %s", fold, n_folds, len(split["train"]),
+                 len(split["val"]), " ".join(split["val"]))
     size_px = tuple(int(v) for v in config["model"]["input_size"])
     train_x, train_y = load_medseg(root, split["train"], size_px)
     val_x, val_y = load_medseg(root, split["val"], None)
@@ -326,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("config HU window %s differs from lesion_model.DEFAULT_HU_WINDOW %s",
                     metadata["hu_window"], lm.DEFAULT_HU_WINDOW)
     network = lm.build_network(config["model"]["architecture"])
+    if args.init:
+        network.load_state_dict(lm.load_lesion_model(args.init).network.state_dict())
+        log.info("initialised from %s", args.init)
     n_params = sum(p.numel() for p in network.parameters())
     log.info("network %s, %.2f M parameters, input %s", config["model"]["architecture"]["name"], n_params / 1e6, size_px)
     augment = make_augment(config["augment"], size_px, seed)
@@ -366,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
                 break
         history.append({"phase": "pretrain", "steps": step, "loss": float(np.mean(losses[-50:])),
                         "seconds": round(time.monotonic() - t0, 1)})
+        if args.save_pretrained:
+            lm.save_lesion_model(network, args.save_pretrained, {**metadata, "training": {"phase": "pretrain"}})
+            log.info("saved pre-trained weights to %s", args.save_pretrained)
 
     # -- phase 2: 3-class fine-tuning on medseg-2d (+ pseudo slices under the lesion loss)
     best = {"score": -1.0, "step": 0, "state": None, "val": None}
@@ -432,9 +467,13 @@ def main(argv: list[str] | None = None) -> int:
         "wall_minutes": round(wall_min, 1),
         "history": history,
         "trained_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__, "monai": monai.__version__, "machine": platform.machine(),
+        "torch": str(torch.__version__), "monai": str(monai.__version__), "machine": platform.machine(),
     }
     path = lm.save_lesion_model(network, args.out, metadata)
+    if args.result_json:
+        Path(args.result_json).write_text(json.dumps({"cv_fold": args.cv_fold, "val_names": split["val"],
+                                                      "validation": chosen_val, "wall_minutes": round(wall_min, 1)},
+                                                     indent=2) + "\n")
     if not args.no_bundle:
         write_bundle_configs(config, Path(args.out).name)
     log.info("saved %s (%s); val at checkpoint %s; best val step %d %s; wall %.1f min",
