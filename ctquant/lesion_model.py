@@ -85,7 +85,10 @@ def resolve_device(device: str = "cpu") -> torch.device:
     """``"auto"`` → CUDA when available, else CPU; anything else is passed to :class:`torch.device`."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available (use 'cpu' or 'auto')")
+    return resolved
 
 
 @dataclass
