@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from .config import MODEL_DIR, file_sha256
 from .errors import ModelError
+from .pipeline import resolve_device
 
 #: Class index → name of the network's outputs.
 CLASS_NAMES: tuple[str, ...] = ("background", "ggo", "consolidation")
@@ -79,16 +80,6 @@ def build_network(architecture: dict[str, Any]) -> torch.nn.Module:
         raise ValueError(f"unsupported network {name!r}; expected one of {_NETWORKS}")
     kwargs = dict(architecture.get("kwargs", {}))
     return getattr(nets, name)(**kwargs)
-
-
-def resolve_device(device: str = "cpu") -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; anything else is passed to :class:`torch.device`."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available (use 'cpu' or 'auto')")
-    return resolved
 
 
 @dataclass
@@ -179,7 +170,7 @@ def load_lesion_model(path: str | Path | None = None, device: str = "cpu") -> Le
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(f"weights incompatible with the network code: {first}", path) from None
-    torch_device = resolve_device(device)
+    torch_device = torch.device(resolve_device(device))
     network.to(torch_device).eval()
     return LesionModel(network=network, path=path, sha256=file_sha256(path), metadata=metadata, device=torch_device)
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
+from .lungs import block_majority, upsample_blocks
+
 GGO, CONSOLIDATION = 1, 2
 
 
@@ -31,22 +33,14 @@ def opening_mm(mask: np.ndarray, spacing_mm: tuple[float, float, float], diamete
     sub = mask[box]
     factors = tuple(max(1, int(work_mm // s)) for s in spacing_mm)
     if factors != (1, 1, 1):
-        crop = tuple(n - n % f for n, f in zip(sub.shape, factors))
-        small = sub[: crop[0], : crop[1], : crop[2]].reshape(
-            crop[0] // factors[0], factors[0], crop[1] // factors[1], factors[1], crop[2] // factors[2],
-            factors[2]).mean(axis=(1, 3, 5)) >= 0.5
+        small = block_majority(sub, factors)
         spacing = tuple(s * f for s, f in zip(spacing_mm, factors))
     else:
         small, spacing = sub, spacing_mm
     core = ndi.distance_transform_edt(small, sampling=spacing) >= radius
     opened = (ndi.distance_transform_edt(~core, sampling=spacing) < radius) if core.any() else np.zeros_like(small)
     if factors != (1, 1, 1):
-        opened = ndi.binary_dilation(opened)
-        full = opened
-        for axis, f in enumerate(factors):
-            full = np.repeat(full, f, axis=axis)
-        opened = np.zeros(sub.shape, dtype=bool)
-        opened[: full.shape[0], : full.shape[1], : full.shape[2]] = full[: sub.shape[0], : sub.shape[1], : sub.shape[2]]
+        opened = upsample_blocks(ndi.binary_dilation(opened), factors, sub.shape, pad_mode="constant")
     out = np.zeros_like(mask)
     out[box] = opened & sub
     return out

@@ -175,13 +175,10 @@ def _envelope(lung: np.ndarray, spacing_mm: tuple[float, float, float], radius_m
     box = ndi.find_objects(lung.astype(np.uint8))[0]
     sub = lung[box]
     factors = tuple(max(1, int(round(work_mm / s))) for s in spacing_mm)
-    crop = tuple(n - n % f for n, f in zip(sub.shape, factors))
-    blocks = sub[: crop[0], : crop[1], : crop[2]].reshape(
-        crop[0] // factors[0], factors[0], crop[1] // factors[1], factors[1], crop[2] // factors[2], factors[2])
-    small = blocks.mean(axis=(1, 3, 5)) >= 0.5
+    small = block_majority(sub, factors)
     radius_vox = radius_mm / (np.asarray(spacing_mm) * np.asarray(factors))
     closed_small = _closing(small, radius_vox)
-    closed = _upsample(closed_small, factors, sub.shape)
+    closed = upsample_blocks(closed_small, factors, sub.shape)
     if factors != (1, 1, 1):
         closed = ndi.binary_erosion(closed, _ball(np.array([max(1, f // 2) for f in factors], dtype=float)))
     out = lung.copy()
@@ -344,15 +341,30 @@ def drop_diaphragm_domes(labels: np.ndarray, soft_tissue: np.ndarray, body: np.n
     return out
 
 
-def _upsample(coarse: np.ndarray, factors: tuple[int, int, int], shape: tuple[int, ...]) -> np.ndarray:
-    """Nearest-neighbour upsampling of a coarse volume sampled at block centres back to ``shape``."""
+def block_majority(mask: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
+    """Downsample a boolean volume by whole blocks of ``factors``: a block is set when most of it is.
+
+    Trailing voxels that do not fill a whole block are dropped.
+    """
+    crop = tuple(n - n % f for n, f in zip(mask.shape, factors))
+    blocks = mask[: crop[0], : crop[1], : crop[2]].reshape(
+        crop[0] // factors[0], factors[0], crop[1] // factors[1], factors[1], crop[2] // factors[2], factors[2])
+    return blocks.mean(axis=(1, 3, 5)) >= 0.5
+
+
+def upsample_blocks(coarse: np.ndarray, factors: tuple[int, int, int], shape: tuple[int, ...],
+                    pad_mode: str = "edge") -> np.ndarray:
+    """Nearest-neighbour upsampling of a block-wise volume back to ``shape``.
+
+    Voxels beyond the last whole block are padded with ``pad_mode`` (``edge`` or ``constant``: zero).
+    """
     full = coarse
     for axis, f in enumerate(factors):
         if f > 1:
             full = np.repeat(full, f, axis=axis)
     full = full[: shape[0], : shape[1], : shape[2]]
     pad = [(0, n - m) for n, m in zip(shape, full.shape)]
-    return np.pad(full, pad, mode="edge") if any(p[1] for p in pad) else full
+    return np.pad(full, pad, mode=pad_mode) if any(p[1] for p in pad) else full
 
 
 def _refine(labels_c: np.ndarray, dense_added_c: np.ndarray, hu: np.ndarray, factors: tuple[int, int, int],
@@ -380,9 +392,9 @@ def _refine(labels_c: np.ndarray, dense_added_c: np.ndarray, hu: np.ndarray, fac
     interior_c = ndi.binary_erosion(lung_box)
     hu_box = hu[box_full]
     shape = hu_box.shape
-    labels = _upsample(labels_box, factors, shape)
-    near = _upsample(near_c, factors, shape)
-    keep_dense = _upsample(dense_added_c[box_c] | interior_c, factors, shape)
+    labels = upsample_blocks(labels_box, factors, shape)
+    near = upsample_blocks(near_c, factors, shape)
+    keep_dense = upsample_blocks(dense_added_c[box_c] | interior_c, factors, shape)
     air = hu_box < air_threshold_hu
     dense = ~air & (hu_box < dense_max_hu)
     lung = labels > 0

@@ -150,9 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     except CtquantError as exc:
         print(f"evaluate_lesion_model: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except ValueError as exc:  # e.g. --device cuda without a GPU
-        print(f"evaluate_lesion_model: error: {exc}", file=sys.stderr)
-        return 2
     started = time.perf_counter()
     rows = evaluate(model, pairs)
     summary = summarise(rows)
