@@ -2,8 +2,8 @@
 
 Two methods share one output convention (uint8 labels on the CT grid, zero outside the lungs):
 
-- ``hu``: Hounsfield-unit bands (the Lung CT Analyzer idea), with vessels removed by thickness;
-  the model-free reference;
+- ``hu``: Hounsfield-unit bands (the Lung CT Analyzer idea), with vessels told from consolidation
+  by density, thickness and surroundings (:func:`segment_lesions_hu`); the model-free reference;
 - ``model``: the shipped MONAI network (:mod:`ctquant.lesion_model`).
 """
 
@@ -12,9 +12,12 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from .lungs import block_majority, upsample_blocks
+from .lungs import block_majority, block_mean, upsample_blocks
 
 GGO, CONSOLIDATION = 1, 2
+#: Keywords of :func:`segment_lesions_hu` that ``configs/quantify.yaml`` sets under ``vessel_removal``.
+VESSEL_SETTINGS = ("min_consolidation_thickness_mm", "vessel_min_hu", "vessel_sigma_mm", "context_sigma_mm",
+                   "min_ggo_share", "min_component_ml")
 
 
 def opening_mm(mask: np.ndarray, spacing_mm: tuple[float, float, float], diameter_mm: float,
@@ -46,17 +49,48 @@ def opening_mm(mask: np.ndarray, spacing_mm: tuple[float, float, float], diamete
     return out
 
 
+def local_mean(values: np.ndarray, weights: np.ndarray, spacing_mm: tuple[float, float, float], sigma_mm: float,
+               work_mm: float = 1.5) -> np.ndarray:
+    """Gaussian-weighted mean of ``values`` over the voxels set in ``weights`` (normalised convolution).
+
+    Computed on block means of about ``work_mm`` and brought back by blocks; 0 where no weighted
+    voxel is near.
+    """
+    factors = tuple(max(1, int(work_mm // s)) for s in spacing_mm)
+    weight = weights.astype(np.float32)
+    weighted = np.where(weights, values, 0).astype(np.float32)
+    if factors != (1, 1, 1):
+        weight, weighted = block_mean(weight, factors), block_mean(weighted, factors)
+    sigma = [sigma_mm / (s * f) for s, f in zip(spacing_mm, factors)]
+    numerator = ndi.gaussian_filter(weighted, sigma)
+    denominator = ndi.gaussian_filter(weight, sigma)
+    mean = np.where(denominator > 1e-3, numerator / np.maximum(denominator, 1e-3), 0.0).astype(np.float32)
+    return upsample_blocks(mean, factors, values.shape) if factors != (1, 1, 1) else mean
+
+
 def segment_lesions_hu(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tuple[float, float, float], *,
                        ggo_band_hu: tuple[float, float] = (-700.0, -300.0),
                        consolidation_band_hu: tuple[float, float] = (-300.0, 100.0),
                        min_consolidation_thickness_mm: float = 8.0,
+                       vessel_min_hu: float = 20.0, vessel_sigma_mm: float = 2.0,
+                       context_sigma_mm: float = 3.0, min_ggo_share: float = 0.5,
                        min_component_ml: float = 0.05) -> np.ndarray:
-    """GGO and consolidation from HU bands inside the lungs, vessels removed by thickness.
+    """GGO and consolidation from HU bands inside the lungs, vessels told apart from consolidation.
 
-    Dense voxels (consolidation band) are kept as consolidation only where the dense region is at
-    least ``min_consolidation_thickness_mm`` thick (thinner tubes are vessels). Components smaller
-    than ``min_component_ml`` are dropped. Known limits: vessels thicker than the threshold (near the
-    hilum) count as consolidation, and thin consolidation is missed.
+    Voxels in the consolidation band are dense: consolidation, but also vessels, bronchial walls and
+    hilar structures. A dense voxel is consolidation when
+
+    - the dense tissue around it (Gaussian-weighted mean over dense voxels, ``vessel_sigma_mm``) is
+      lighter than ``vessel_min_hu``: unenhanced blood is about 40 HU, enhanced blood far above the
+      band, while consolidation holds some air; and
+    - either the dense region is at least ``min_consolidation_thickness_mm`` thick (a thin tube is a
+      vessel), or ground glass makes up at least ``min_ggo_share`` of the non-dense lung around it
+      (``context_sigma_mm``): consolidation in viral pneumonia sits in ground glass, vessels run
+      through aerated lung.
+
+    Components smaller than ``min_component_ml`` are dropped. Known limits: vessels crossing ground
+    glass count as consolidation where they are lighter than ``vessel_min_hu``; consolidation denser
+    than ``vessel_min_hu`` (unenhanced, fluid-filled) is missed.
     """
     labels = np.zeros(hu.shape, dtype=np.uint8)
     if not lung_labels.any():
@@ -65,7 +99,14 @@ def segment_lesions_hu(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tupl
     hu, lung = hu[box], lung_labels[box] > 0
     ggo = lung & (hu >= ggo_band_hu[0]) & (hu < ggo_band_hu[1])
     dense = lung & (hu >= consolidation_band_hu[0]) & (hu < consolidation_band_hu[1])
-    consolidation = opening_mm(dense, spacing_mm, min_consolidation_thickness_mm)
+    if dense.any():
+        light = dense & (local_mean(hu, dense, spacing_mm, vessel_sigma_mm) < vessel_min_hu)
+        aerated = lung & ~dense
+        ggo_share = local_mean(ggo, aerated, spacing_mm, context_sigma_mm)
+        consolidation = opening_mm(light, spacing_mm, min_consolidation_thickness_mm) | (
+            light & (ggo_share >= min_ggo_share))
+    else:
+        consolidation = dense
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     inner = labels[box]
     inner[remove_small(ggo, min_component_ml / voxel_ml)] = GGO

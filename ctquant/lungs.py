@@ -13,8 +13,13 @@ A classical pipeline, run on a coarse grid (about 2.5 mm) for speed and refined 
    the envelope is restricted to non-bone voxels and never crosses into the other lung or the airways;
 6. dependent consolidation: each lung is extended through soft-tissue density to the rib cage on the
    lateral and posterior side (:func:`fill_to_rib_cage`);
-7. the diaphragm's dome, an island of soft tissue in the lowest lung slices, is taken out again
-   (:func:`drop_diaphragm_domes`).
+7. airless lung: each lung grows through thick tissue denser than fat and lighter than blood and
+   muscle, up to ``grow_max_mm`` from it (:func:`grow_dense_lung`), which reaches consolidated bases
+   and paravertebral gutters that no aerated lung borders;
+8. the diaphragm's dome, an island of soft tissue in the lowest lung slices, is taken out again
+   (:func:`drop_diaphragm_domes`);
+9. at full resolution, the pleural edge is put half-way in density between the lung beside it and
+   the chest wall (:func:`settle_pleural_edge`), so dense lung against the wall keeps its last voxels.
 
 Labels follow the lungmask convention: 0 background, 1 right lung, 2 left lung.
 """
@@ -135,7 +140,7 @@ def split_lungs(lungs: np.ndarray, max_erosions: int = 12) -> tuple[np.ndarray, 
             markers = np.zeros(lungs.shape, dtype=np.int32)
             markers[parts[0]] = 1
             markers[parts[1]] = 2
-            distance = ndi.distance_transform_edt(lungs)
+            distance = ndi.distance_transform_cdt(lungs, metric="taxicab")
             regions = watershed(-distance, markers, mask=lungs)
             return regions == 1, regions == 2
         if not eroded.any():
@@ -188,7 +193,9 @@ def _envelope(lung: np.ndarray, spacing_mm: tuple[float, float, float], radius_m
 
 def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
                   air_threshold_hu: float = -400.0, dense_max_hu: float = 200.0,
-                  envelope_radius_mm: float = 30.0, coarse_mm: float = 2.5) -> np.ndarray:
+                  envelope_radius_mm: float = 30.0, coarse_mm: float = 2.5,
+                  airless_band_hu: tuple[float, float] = (-60.0, 20.0), grow_max_mm: float = 40.0,
+                  wall_hu: float = 40.0) -> np.ndarray:
     """Label the right (1) and left (2) lung, dense (consolidated) lung included.
 
     Args:
@@ -198,6 +205,10 @@ def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
         dense_max_hu: voxels added by the envelope must be below this (bone is not lung).
         envelope_radius_mm: radius of the closing ball that recovers dense lung along the pleura.
         coarse_mm: working resolution of the coarse steps.
+        airless_band_hu: smoothed density of airless lung that the lungs grow through: above fat,
+            below blood and muscle (see :func:`grow_dense_lung`).
+        grow_max_mm: how far that growth may reach from the lung.
+        wall_hu: density of the chest wall for the half-density pleural edge.
 
     Returns:
         uint8 label volume on the input grid.
@@ -233,13 +244,109 @@ def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
     labels_c[envelopes[0]] = RIGHT
     labels_c[envelopes[1]] = LEFT
     if both.any():  # where envelopes overlap, the nearer aerated lung wins
-        d_right = ndi.distance_transform_edt(~right, sampling=coarse_spacing)
-        d_left = ndi.distance_transform_edt(~left, sampling=coarse_spacing)
+        d_right = ndi.distance_transform_cdt(~right, metric="chessboard")  # voxels: cheap, and only
+        d_left = ndi.distance_transform_cdt(~left, metric="chessboard")    # compared with each other
         labels_c[both] = np.where(d_right[both] <= d_left[both], RIGHT, LEFT)
     labels_c = fill_to_rib_cage(labels_c, hu_c, body & ~airways, coarse_spacing)
+    labels_c = grow_dense_lung(labels_c, hu_c, body & ~airways, coarse_spacing, band_hu=airless_band_hu,
+                               max_distance_mm=grow_max_mm, wall_hu=wall_hu, dense_max_hu=dense_max_hu)
     labels_c = drop_diaphragm_domes(labels_c, hu_c > -200, body)
     dense_added = (labels_c > 0) & ~air
-    return _refine(labels_c, dense_added, hu, factors, air_threshold_hu, dense_max_hu)
+    labels = _refine(labels_c, dense_added, hu, factors, air_threshold_hu, dense_max_hu)
+    return settle_pleural_edge(labels, hu, wall_hu=wall_hu, lead_hu=(air_threshold_hu, airless_band_hu[1]),
+                               dense_max_hu=dense_max_hu)
+
+
+def grow_dense_lung(labels: np.ndarray, hu: np.ndarray, allowed: np.ndarray, spacing_mm: tuple[float, float, float],
+                    *, band_hu: tuple[float, float] = (-60.0, 20.0), smooth_mm: float = 1.5,
+                    min_width_mm: float = 6.0, max_distance_mm: float = 40.0, wall_hu: float = 40.0,
+                    dense_max_hu: float = 200.0) -> np.ndarray:
+    """Grow each lung through airless lung: consolidated bases, paravertebral gutters, whole lobes.
+
+    Airless lung is denser than fat (about -100 HU) and, unenhanced, lighter than blood, muscle, liver
+    and spleen (40 to 60 HU). Candidates are ``allowed`` voxels whose density, smoothed in-plane with
+    a Gaussian of ``smooth_mm``, lies in ``band_hu``, in regions at least ``min_width_mm`` wide (an
+    in-plane opening: fat/soft-tissue interfaces also pass through the band, as thin shells, and
+    would otherwise lead the growth into the mediastinum). Each lung takes the candidates connected
+    to it within ``max_distance_mm`` (the nearer lung wins), then the holes of each axial slice
+    (vessels and bronchi inside the lung, airways that the trachea's growth reached included) below
+    ``dense_max_hu``.
+    """
+    lung = labels > 0
+    if not lung.any():
+        return labels
+    sigma = [0.0] + [smooth_mm / s for s in spacing_mm[1:]]
+    smoothed = ndi.gaussian_filter(hu.astype(np.float32), sigma)
+    candidates = allowed & (smoothed >= band_hu[0]) & (smoothed < band_hu[1])  # airless lung counts too
+    radius_vox = np.array([0.5 * min_width_mm / s for s in spacing_mm[1:]])
+    candidates = ndi.binary_opening(candidates, _ball(radius_vox)[None])
+    # smoothing pulls the density of airless lung down within ~2 sigma of aerated lung: bridge that
+    # margin with the unsmoothed band, so airless lung stays connected to the lung beside it; and drop
+    # voxels denser than half-way to the wall (smoothing also pulls the wall's first voxels into the band)
+    margin_vox = np.array([2.0 * smooth_mm / s for s in spacing_mm[1:]])
+    raw_band = allowed & (hu >= band_hu[0]) & (hu < band_hu[1])
+    candidates |= ndi.binary_dilation(candidates, _ball(margin_vox)[None]) & raw_band
+    candidates &= hu < 0.5 * (band_hu[1] + wall_hu)
+    distance_mm = ndi.distance_transform_edt(~lung, sampling=spacing_mm)
+    region = lung | (candidates & (distance_mm <= max_distance_mm))
+    grown = watershed(distance_mm, labels.astype(np.int32), mask=region).astype(np.uint8)
+    for side in (RIGHT, LEFT):
+        holes = _fill_slices(grown == side) & (grown == 0) & (hu < dense_max_hu)
+        grown[holes] = side
+    return grown
+
+
+def settle_pleural_edge(labels: np.ndarray, hu: np.ndarray, *, wall_hu: float = 40.0,
+                        lead_hu: tuple[float, float] = (-400.0, 20.0), fat_hu: tuple[float, float] = (-150.0, -60.0),
+                        dense_max_hu: float = 200.0, steps: int = 2) -> np.ndarray:
+    """Move each lung's edge out, one in-plane voxel per step, where half-density says the lung goes on.
+
+    A fixed air threshold puts the pleural edge half-way between aerated lung and the chest wall; where
+    ground glass or consolidation meets the wall it drops the last voxels of dense lung. Here a voxel
+    just outside a lung joins it when its density is below the midpoint between its dense in-plane lung
+    neighbours (``lead_hu``: denser than the air threshold, lighter than blood) and the chest wall
+    (``wall_hu``). Fat (``fat_hu``, mediastinal and extrapleural) and bone never join. Works on the
+    lung's dense voxels only, so it costs little on large scans.
+    """
+    boxes = [b for b in ndi.find_objects(labels, max_label=LEFT) if b is not None]
+    if not boxes:
+        return labels
+    box = tuple(slice(min(b[axis].start for b in boxes), max(b[axis].stop for b in boxes)) for axis in range(3))
+    box = tuple(slice(b.start, b.stop) if axis == 0 else slice(max(0, b.start - steps), min(n, b.stop + steps))
+                for axis, (b, n) in enumerate(zip(box, labels.shape)))
+    sub = np.array(labels[box]).reshape(-1)  # a copy: the caller's labels stay as they are
+    hu_sub = np.ascontiguousarray(hu[box]).reshape(-1)
+    ny, nx = labels[box].shape[1:]
+    lead = np.flatnonzero((sub > 0) & (hu_sub >= lead_hu[0]) & (hu_sub < lead_hu[1]))
+    for _ in range(steps):
+        if lead.size == 0:
+            break
+        y, x = (lead // nx) % ny, lead % nx
+        neighbours, sources = [], []
+        for offset, inside in ((1, x < nx - 1), (-1, x > 0), (nx, y < ny - 1), (-nx, y > 0)):
+            neighbours.append(lead[inside] + offset)
+            sources.append(lead[inside])
+        neighbour, source = np.concatenate(neighbours), np.concatenate(sources)
+        free = sub[neighbour] == 0
+        neighbour, source = neighbour[free], source[free]
+        joined = np.zeros(0, dtype=np.int64)
+        for side in (RIGHT, LEFT):
+            mine = sub[source] == side
+            candidates, inverse = np.unique(neighbour[mine], return_inverse=True)
+            if candidates.size == 0:
+                continue
+            lung_hu = (np.bincount(inverse, weights=hu_sub[source[mine]].astype(np.float64))
+                       / np.bincount(inverse))
+            value = hu_sub[candidates]
+            join = ((value < 0.5 * (lung_hu + wall_hu)) & (value < dense_max_hu)
+                    & ~((value >= fat_hu[0]) & (value < fat_hu[1])))
+            join &= ~np.isin(candidates, joined)  # a voxel beside both lungs goes to the right one
+            sub[candidates[join]] = side
+            joined = np.concatenate([joined, candidates[join]])
+        lead = joined[(hu_sub[joined] >= lead_hu[0]) & (hu_sub[joined] < lead_hu[1])]  # the next step's edge
+    out = labels.copy()
+    out[box] = sub.reshape(labels[box].shape)
+    return out
 
 
 def fill_to_rib_cage(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, spacing_mm: tuple[float, float, float],
@@ -341,15 +448,20 @@ def drop_diaphragm_domes(labels: np.ndarray, soft_tissue: np.ndarray, body: np.n
     return out
 
 
-def block_majority(mask: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
-    """Downsample a boolean volume by whole blocks of ``factors``: a block is set when most of it is.
+def block_mean(volume: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
+    """Downsample a volume by the mean of whole blocks of ``factors`` (float32).
 
     Trailing voxels that do not fill a whole block are dropped.
     """
-    crop = tuple(n - n % f for n, f in zip(mask.shape, factors))
-    blocks = mask[: crop[0], : crop[1], : crop[2]].reshape(
+    crop = tuple(n - n % f for n, f in zip(volume.shape, factors))
+    blocks = volume[: crop[0], : crop[1], : crop[2]].reshape(
         crop[0] // factors[0], factors[0], crop[1] // factors[1], factors[1], crop[2] // factors[2], factors[2])
-    return blocks.mean(axis=(1, 3, 5)) >= 0.5
+    return blocks.mean(axis=(1, 3, 5), dtype=np.float32)
+
+
+def block_majority(mask: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
+    """Downsample a boolean volume by whole blocks of ``factors``: a block is set when most of it is."""
+    return block_mean(mask, factors) >= 0.5
 
 
 def upsample_blocks(coarse: np.ndarray, factors: tuple[int, int, int], shape: tuple[int, ...],

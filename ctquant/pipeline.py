@@ -29,7 +29,7 @@ from . import __version__
 from .config import config_hash, file_sha256, load_quantify_config
 from .errors import InputError, OutputError
 from .io import Scan, load_scan, write_label_image
-from .lesions import segment_lesions_hu
+from .lesions import VESSEL_SETTINGS, segment_lesions_hu
 from .lungs import segment_lungs
 from .quantify import bilateral_flags, flatten, lung_measures, quality_flags
 
@@ -113,8 +113,7 @@ def analyse_scan(scan: Scan, *, method: str = "model", device: str = "cpu", conf
         lesion_labels = segment_lesions_hu(
             scan.hu, lung_labels, scan.spacing_mm, ggo_band_hu=tuple(bands["ggo"]),
             consolidation_band_hu=tuple(bands["consolidation"]),
-            min_consolidation_thickness_mm=vessels.get("min_consolidation_thickness_mm", 8.0),
-            min_component_ml=vessels.get("min_component_ml", 0.05))
+            **{key: float(vessels[key]) for key in VESSEL_SETTINGS if key in vessels})
     else:
         from .lesion_model import load_lesion_model, segment_lesions
 

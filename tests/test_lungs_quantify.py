@@ -53,9 +53,13 @@ def test_quality_flags_cut_and_implausible():
     assert not any(f.startswith("left_lung_cut") for f in flags)
 
 
-@pytest.mark.parametrize("severity, min_dice", [(0.0, 0.98), (1.0, 0.975), (2.0, 0.95)])
+@pytest.mark.parametrize("severity, min_dice", [(0.0, 0.98), (1.0, 0.975), (2.0, 0.97), (3.0, 0.965)])
 def test_lungs_keep_consolidated_lung(severity, min_dice):
-    """Dice against the generator's truth, including heavy pleura-touching dependent consolidation."""
+    """Dice against the generator's truth, including heavy pleura-touching dependent consolidation.
+
+    Severity 3 has about a third of the lung consolidated, whole airless bases included (issue
+    target: >= 0.95 on the most consolidated cases; measured 0.974 on seeds 0-2).
+    """
     phantom = make_phantom(severity=severity, seed=3)
     labels = segment_lungs(phantom.hu, phantom.spacing_mm)
     for label in (RIGHT, LEFT):
@@ -82,7 +86,7 @@ def _truth(sample_dir, timepoint):
 
 @pytest.mark.parametrize("timepoint", ["baseline", "day14"])
 def test_sample_hu_method_against_truth(sample_dir, tmp_path, timepoint):
-    """Lung volumes within 3 %; HU-band GGO within 10 % and consolidation within 35 % (see README)."""
+    """Lung volumes within 3 %, HU-band GGO and consolidation within 5 % of the generator's truth."""
     measures = quantify_to_dir(sample_dir / timepoint, tmp_path / "out", method="hu", device="cpu",
                                subject_id="S1", timepoint=timepoint)
     truth = _truth(sample_dir, timepoint)
@@ -90,8 +94,8 @@ def test_sample_hu_method_against_truth(sample_dir, tmp_path, timepoint):
         got, want = measures["lungs"][side], truth[side]
         assert got["lung_volume_ml"] == pytest.approx(want["lung_ml"], rel=0.03)
     both, want = measures["lungs"]["both"], truth["both"]
-    assert both["ggo_volume_ml"] == pytest.approx(want["ggo_ml"], rel=0.10)
-    assert both["consolidation_volume_ml"] == pytest.approx(want["consolidation_ml"], rel=0.35)
+    assert both["ggo_volume_ml"] == pytest.approx(want["ggo_ml"], rel=0.05)
+    assert both["consolidation_volume_ml"] == pytest.approx(want["consolidation_ml"], rel=0.05)
     assert measures["bilateral"]["ggo"] and measures["bilateral"]["opacity"]
     for name in ("measures.json", "measures.csv", "lungs.nii.gz", "lesions.nii.gz"):
         assert (tmp_path / "out" / name).is_file()
@@ -111,3 +115,81 @@ def test_dicom_and_nifti_give_the_same_numbers(sample_dir, tmp_path):
     for side in ("right", "left", "both"):
         for key in ("lung_volume_ml", "ggo_volume_ml", "consolidation_volume_ml"):
             assert from_nifti["lungs"][side][key] == pytest.approx(from_dicom["lungs"][side][key], rel=0.01)
+
+
+def _ball_mask(shape, centre, radius_vox):
+    grid = np.ogrid[tuple(slice(0, n) for n in shape)]
+    return sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius_vox ** 2
+
+
+def test_hu_lesions_tell_vessels_from_consolidation():
+    """Known shapes at 1 mm: consolidation kept, vessels (thin or thick, 40 HU) left out."""
+    from ctquant.lesions import CONSOLIDATION, GGO, segment_lesions_hu
+
+    shape, spacing = (60, 80, 120), (1.0, 1.0, 1.0)
+    hu = np.full(shape, -850, np.int16)
+    lungs = np.full(shape, RIGHT, np.uint8)
+    zz, yy, xx = np.ogrid[:60, :80, :120]
+    thin_vessel = ((yy - 15) ** 2 + (zz - 30) ** 2 <= 1.5 ** 2) & (xx < 100)    # r 1.5 mm tube in air-filled lung
+    thick_vessel = ((yy - 65) ** 2 + (zz - 30) ** 2 <= 5 ** 2) & (xx < 100)     # r 5 mm: passes the thickness rule
+    halo = _ball_mask(shape, (30, 40, 25), 12)                                  # ground glass around ...
+    blob = _ball_mask(shape, (30, 40, 25), 6)                                   # ... a consolidation ball
+    thin_patch = (np.abs(zz - 30) <= 1) & (np.abs(yy - 40) <= 6) & (np.abs(xx - 60) <= 6)  # 3 mm thick, in GGO
+    patch_halo = (np.abs(zz - 30) <= 6) & (np.abs(yy - 40) <= 10) & (np.abs(xx - 60) <= 10)
+    lobar = (np.abs(zz - 30) <= 10) & (np.abs(yy - 40) <= 10) & (xx >= 90)      # 20 mm block, no ground glass
+    hu[halo | patch_halo] = -500
+    hu[blob | thin_patch | lobar] = -25
+    hu[thin_vessel | thick_vessel] = 40
+    labels = segment_lesions_hu(hu, lungs, spacing)
+    consolidation = labels == CONSOLIDATION
+    truth = blob | thin_patch | lobar
+    assert np.count_nonzero(consolidation & (thin_vessel | thick_vessel) & ~truth) == 0
+    assert np.count_nonzero(consolidation) == pytest.approx(np.count_nonzero(truth), rel=0.05)
+    assert np.count_nonzero(consolidation & truth) >= 0.95 * np.count_nonzero(truth)
+    ggo_truth = (halo | patch_halo) & ~truth
+    assert np.count_nonzero(labels == GGO) == pytest.approx(np.count_nonzero(ggo_truth), rel=0.01)
+    # the thickness rule alone keeps a thick vessel: the density rule is what drops it
+    denser = segment_lesions_hu(hu, lungs, spacing, vessel_min_hu=100.0)
+    assert np.count_nonzero((denser == CONSOLIDATION) & thick_vessel) > 0.5 * np.count_nonzero(thick_vessel)
+
+
+def test_pleural_edge_keeps_dense_lung_against_the_wall():
+    """Half-density edge: consolidation reaches the wall, aerated lung and fat do not move the edge."""
+    from ctquant.lungs import settle_pleural_edge
+
+    hu = np.full((3, 40, 60), 45, np.int16)  # chest wall (muscle)
+    hu[:, 5:35, 5:30] = -850                 # aerated right lung
+    hu[:, 5:35, 32:55] = -25                 # consolidated left lung, truly reaching x = 54
+    hu[:, 5:35, 30:32] = -100                # a fat stripe between them
+    labels = np.zeros(hu.shape, np.uint8)
+    labels[:, 5:35, 5:30] = RIGHT
+    labels[:, 5:35, 34:53] = LEFT            # the segmentation stopped 2 voxels short on both sides
+    before = labels.copy()
+    out = settle_pleural_edge(labels, hu, wall_hu=40.0)
+    assert np.array_equal(labels, before)                            # the input is not modified
+    assert np.array_equal(out == RIGHT, labels == RIGHT)             # aerated lung: edge unchanged
+    assert (out[:, 5:35, 53:55] == LEFT).all()                       # consolidation keeps its last voxels
+    assert not (out[:, :, 55:] > 0).any() and not (out[:, 35:] > 0).any()  # the wall is not lung
+    assert (out[:, 5:35, 32:34] == LEFT).all()                       # consolidation on the medial side too
+    assert not (out[:, :, 30:32] > 0).any()                          # fat never joins
+
+
+def test_lungs_grow_through_airless_lung_not_into_fat_or_muscle():
+    """An airless lung base with no air in it joins the lung; fat and soft tissue around it do not."""
+    from ctquant.lungs import grow_dense_lung
+
+    spacing = (2.0, 1.0, 1.0)
+    hu = np.full((20, 80, 80), 45, np.int16)     # muscle / liver
+    hu[:, 10:70, 10:40] = -850                   # aerated lung ...
+    hu[:, 10:70, 40:60] = -25                    # ... whose lateral part is airless
+    hu[:, 10:70, 60:64] = -100                   # extrapleural fat
+    labels = np.zeros(hu.shape, np.uint8)
+    labels[hu == -850] = RIGHT
+    allowed = np.ones(hu.shape, bool)
+    out = grow_dense_lung(labels, hu, allowed, spacing, max_distance_mm=40.0)
+    airless = hu == -25
+    assert np.count_nonzero((out == RIGHT) & airless) >= 0.97 * np.count_nonzero(airless)
+    assert not ((out > 0) & (hu == -100)).any()
+    assert np.count_nonzero((out > 0) & (hu == 45)) <= 0.01 * np.count_nonzero(airless)
+    near = grow_dense_lung(labels, hu, allowed, spacing, max_distance_mm=8.0)  # reach is bounded
+    assert not ((near > 0) & airless)[:, :, 50:].any()
