@@ -340,7 +340,7 @@ def settle_pleural_edge(labels: np.ndarray, hu: np.ndarray, *, wall_hu: float = 
             value = hu_sub[candidates]
             join = ((value < 0.5 * (lung_hu + wall_hu)) & (value < dense_max_hu)
                     & ~((value >= fat_hu[0]) & (value < fat_hu[1])))
-            join &= ~np.isin(candidates, joined)  # a voxel beside both lungs goes to the right one
+            join &= ~np.isin(candidates, joined)  # beside both lungs: the right lung (first) keeps it
             sub[candidates[join]] = side
             joined = np.concatenate([joined, candidates[join]])
         lead = joined[(hu_sub[joined] >= lead_hu[0]) & (hu_sub[joined] < lead_hu[1])]  # the next step's edge
