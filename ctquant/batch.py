@@ -15,8 +15,8 @@ manifest's folder. Everything is written under the output folder ``DIR``::
 
 **Resuming.** A scan is skipped when its ``measures.json`` (written last, atomically, by the pipeline)
 exists and is current: same input fingerprint (relative paths, sizes and mtimes of the input's
-files), same quantification config hash, same model hash, same method, and the label files of the
-asked ``--seg-format`` are there. Anything else is recomputed (``--force``: everything). A killed run
+files), same ctquant code (a hash of the package's files), same quantification config hash, same
+model hash, same method, and the label files of the asked ``--seg-format`` are there. Anything else is recomputed (``--force``: everything). A killed run
 leaves at most hidden ``.<timepoint>.tmp-*`` folders, which the next run removes.
 
 **Failure isolation.** :func:`run_one` never raises: a :class:`~ctquant.errors.CtquantError` is
@@ -73,7 +73,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence, TextIO
 
 from . import __version__
-from .config import config_hash, file_sha256, load_quantify_config
+from .config import code_sha256, config_hash, file_sha256, load_quantify_config
 from .errors import CtquantError, InputError, ModelError, OutputError
 
 log = logging.getLogger(__name__)
@@ -234,6 +234,7 @@ class BatchSettings:
     config_sha256: str = ""
     model_sha256: Optional[str] = None
     torch_threads: Optional[int] = None
+    code_sha256: str = ""
 
 
 def make_settings(method: str = "model", device: str = "auto", config_path: str | Path | None = None,
@@ -259,7 +260,7 @@ def make_settings(method: str = "model", device: str = "auto", config_path: str 
         if not Path(mpath).is_file():
             raise ModelError("lesion model weight file not found (use --method hu, or install the model)", mpath)
         mhash = file_sha256(mpath)
-    return BatchSettings(method, device, config_file, seg_format, mpath, chash, mhash)
+    return BatchSettings(method, device, config_file, seg_format, mpath, chash, mhash, code_sha256=code_sha256())
 
 
 @dataclass(frozen=True)
@@ -322,6 +323,7 @@ def result_is_current(result_dir: str | Path, settings: BatchSettings, fingerpri
         return False, "input missing or unreadable"
     checks = (
         ("method", measures.get("method"), settings.method),
+        ("ctquant code", prov.get("code_sha256"), settings.code_sha256),
         ("config", prov.get("config_sha256"), settings.config_sha256),
         ("model", prov.get("model_sha256"), settings.model_sha256),
         ("input", prov.get("input_fingerprint"), fingerprint),

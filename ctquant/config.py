@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -14,6 +15,8 @@ from .errors import InputError
 
 #: The folder of configuration files shipped with the project.
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+#: The package's own folder (its code is hashed for provenance).
+PACKAGE_DIR = Path(__file__).resolve().parent
 #: The folder of shipped model weights.
 MODEL_DIR = Path(__file__).resolve().parent.parent / "models"
 
@@ -64,3 +67,18 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def code_sha256() -> str:
+    """A short SHA-256 of the ctquant package's code (Python files and report templates).
+
+    Results record it, and ``ctquant batch`` recomputes results made by other code even when the
+    version number is the same (a development checkout, a patched install).
+    """
+    digest = hashlib.sha256()
+    files = sorted(p for p in PACKAGE_DIR.rglob("*") if p.is_file() and p.suffix in (".py", ".html", ".css", ".j2"))
+    for path in files:
+        digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from . import __version__
 from .batch import ManifestRow, ScanRecord, make_progress, read_manifest, run_batch
-from .config import CONFIG_DIR, config_hash, file_sha256, load_yaml, merge
+from .config import CONFIG_DIR, code_sha256, config_hash, file_sha256, load_yaml, merge
 from .errors import InputError, IncompatibleResults, OutputError
 
 log = logging.getLogger("ctquant.endpoints")
@@ -823,6 +823,7 @@ def run_compare(
         "notes": notes,
         "provenance": {
             "ctquant_version": __version__,
+            "code_sha256": code_sha256(),
             "endpoints_config": config.path,
             "endpoints_config_sha256": config.sha256,
             "inputs": {labels["from"]: str(inputs["from"]), labels["to"]: str(inputs["to"])},
@@ -1013,6 +1014,7 @@ def run_endpoints(
         "mismatch": mismatch,
         "provenance": {
             "ctquant_version": __version__,
+            "code_sha256": code_sha256(),
             "endpoints_config": config.path,
             "endpoints_config_sha256": config.sha256,
             "endpoint_definitions": [ep.as_dict() for ep in config.endpoints],

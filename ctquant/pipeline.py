@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from . import __version__
-from .config import config_hash, file_sha256, load_quantify_config
+from .config import code_sha256, config_hash, file_sha256, load_quantify_config
 from .errors import InputError, OutputError
 from .io import Scan, load_scan, write_label_image
 from .lesions import VESSEL_SETTINGS, segment_lesions_hu
@@ -137,6 +137,7 @@ def analyse_scan(scan: Scan, *, method: str = "model", device: str = "cpu", conf
         "flags": flags,
         "provenance": {
             "ctquant_version": __version__,
+            "code_sha256": code_sha256(),
             "method": method,
             **model_info,
             "config": config,

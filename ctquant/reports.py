@@ -169,6 +169,7 @@ def scan_context(measures: dict[str, Any], qc_png: bytes | str | Path | None = N
         ("Time point", timepoint),
         ("Method", measures.get("method") or prov.get("method") or "–"),
         ("ctquant version", prov.get("ctquant_version") or "–"),
+        ("ctquant code SHA-256", prov.get("code_sha256") or "–"),
         ("Lesion model file", prov.get("model_file") or "– (none: HU bands)"),
         ("Lesion model SHA-256", prov.get("model_sha256") or "–"),
         ("Config SHA-256", prov.get("config_sha256") or "–"),

@@ -320,6 +320,16 @@ def test_config_change_recomputes_and_input_change_is_detected(scans, reference,
     todo, skipped = plan(read_manifest(gone)[0], out, settings)
     assert len(todo) == 1 and todo[0].fingerprint is None
     assert (out / "scans" / "P1" / "day14" / "measures.json").is_file()
+    # results made by other ctquant code (same version number, another checkout) are not current
+    target = out / "scans" / "P1" / "baseline"
+    assert batch.result_is_current(target, settings, input_fingerprint(scans / "dicom" / "P1_baseline"),
+                                   ("P1", "baseline")) == (True, "")
+    measures = json.loads((target / "measures.json").read_text())
+    assert measures["provenance"]["code_sha256"] == settings.code_sha256 != ""
+    measures["provenance"]["code_sha256"] = "0" * 16
+    (target / "measures.json").write_text(json.dumps(measures))
+    assert batch.result_is_current(target, settings, input_fingerprint(scans / "dicom" / "P1_baseline"),
+                                   ("P1", "baseline")) == (False, "ctquant code changed")
     # asking for DICOM SEG too: results without segmentation.dcm are not current
     todo, skipped = plan(read_manifest(manifest)[0], out, make_settings("hu", "cpu", seg_format="both"))
     assert len(todo) == 4 and not skipped
@@ -406,3 +416,24 @@ def test_progress_plain_lines(capsys):
     assert err[0].startswith("ctquant batch: 2 scan(s) to quantify, 1 current")
     assert "[1/2] P1/baseline ok 1.5 s" in err[1] and "eta" in err[1]
     assert "[2/2] P2/baseline FAILED (exit 3, InputError): no such file or folder" in err[2]
+
+
+def test_code_hash_follows_the_package_files(tmp_path, monkeypatch):
+    """Results name the code that made them: the hash changes with any package file's content."""
+    import shutil
+
+    from ctquant import config
+
+    package = tmp_path / "ctquant"
+    shutil.copytree(config.PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(config, "PACKAGE_DIR", package)
+    config.code_sha256.cache_clear()
+    try:
+        first = config.code_sha256()
+        config.code_sha256.cache_clear()
+        assert config.code_sha256() == first  # stable
+        (package / "lungs.py").write_text((package / "lungs.py").read_text() + "\n# edited\n")
+        config.code_sha256.cache_clear()
+        assert config.code_sha256() != first
+    finally:
+        config.code_sha256.cache_clear()

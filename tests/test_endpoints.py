@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from ctquant import endpoints as E
 from ctquant.batch import ScanRecord, read_manifest
 from ctquant.cli import app
-from ctquant.config import config_hash, load_quantify_config
+from ctquant.config import code_sha256, config_hash, load_quantify_config
 from ctquant.errors import IncompatibleResults, InputError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -52,7 +52,8 @@ def measures(sid: str = "S01", tp: str = "baseline", right: float = 5.0, left: f
         "lungs": {"right": lung(right, cons), "left": lung(left, cons), "both": both_entry},
         "bilateral": {"ggo": True, "consolidation": False, "opacity": True},
         "flags": [],
-        "provenance": {"ctquant_version": "0.1.0", "method": method, "model_file": "lesion_model.pt",
+        "provenance": {"ctquant_version": "0.1.0", "code_sha256": code_sha256(), "method": method,
+                       "model_file": "lesion_model.pt",
                        "model_sha256": model_sha, "config_sha256": config_sha, "config": {},
                        "input": f"/data/{sid}/{tp}", "series_instance_uid": f"1.2.3.{sid}.{tp}",
                        "study_date": study_date, "spacing_mm": [5.0, 0.7, 0.7], "created_utc": "x"},

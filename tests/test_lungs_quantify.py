@@ -193,3 +193,4 @@ def test_lungs_grow_through_airless_lung_not_into_fat_or_muscle():
     assert np.count_nonzero((out > 0) & (hu == 45)) <= 0.01 * np.count_nonzero(airless)
     near = grow_dense_lung(labels, hu, allowed, spacing, max_distance_mm=8.0)  # reach is bounded
     assert not ((near > 0) & airless)[:, :, 50:].any()
+
