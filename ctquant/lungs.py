@@ -235,7 +235,8 @@ def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
             split = (parts[0] & (xs < midline), parts[0] & (xs >= midline))
         parts = list(split)
     right, left = _right_left(*parts)
-    allowed = body & ~airways & (hu_c < dense_max_hu)
+    chest = body & ~airways  # where lung may extend: inside the body, outside trachea and main bronchi
+    allowed = chest & (hu_c < dense_max_hu)
     envelopes = []
     for lung in (right, left):
         envelope = _fill_slices(_envelope(_fill_slices(lung), coarse_spacing, envelope_radius_mm)) & allowed
@@ -247,8 +248,8 @@ def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
         d_right = ndi.distance_transform_cdt(~right, metric="chessboard")  # voxels: cheap, and only
         d_left = ndi.distance_transform_cdt(~left, metric="chessboard")    # compared with each other
         labels_c[both] = np.where(d_right[both] <= d_left[both], RIGHT, LEFT)
-    labels_c = fill_to_rib_cage(labels_c, hu_c, body & ~airways, coarse_spacing)
-    labels_c = grow_dense_lung(labels_c, hu_c, body & ~airways, coarse_spacing, band_hu=airless_band_hu,
+    labels_c = fill_to_rib_cage(labels_c, hu_c, chest, coarse_spacing)
+    labels_c = grow_dense_lung(labels_c, hu_c, chest, coarse_spacing, band_hu=airless_band_hu,
                                max_distance_mm=grow_max_mm, wall_hu=wall_hu, dense_max_hu=dense_max_hu)
     labels_c = drop_diaphragm_domes(labels_c, hu_c > -200, body)
     dense_added = (labels_c > 0) & ~air
