@@ -842,7 +842,12 @@ def _base_dataset(sop_class: str, sop_instance: str, transfer_syntax: str):
 
 
 def _set_patient_study(ds, *, study_uid: str, study_date: str, study_time: str, patient_id: str,
-                       patient_name: str, accession_number: str = "") -> None:
+                       patient_name: str, series_uid: str, series_number: int,
+                       accession_number: str = "") -> None:
+    """Patient, study and series attributes shared by every object the phantom writers make."""
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = int(series_number)
+    ds.InstanceNumber = 1
     ds.StudyDate = study_date
     ds.StudyTime = study_time
     ds.AccessionNumber = accession_number
@@ -950,8 +955,8 @@ def write_dicom_series(phantom: Phantom, out_dir: str | Path, *, study_uid: str,
     ds.Modality = "CT"
     ds.SeriesDescription = series_description
     _set_patient_study(ds, study_uid=study_uid, study_date=study_date, study_time=study_time,
-                       patient_id=patient_id, patient_name=patient_name,
-                       accession_number=accession_number)
+                       patient_id=patient_id, patient_name=patient_name, series_uid=series_uid,
+                       series_number=series_number, accession_number=accession_number)
     ds.BodyPartExamined = "CHEST"
     ds.SliceThickness = _ds_str(slice_thickness_mm if slice_thickness_mm else sz)
     ds.SpacingBetweenSlices = _ds_str(sz)
@@ -961,10 +966,7 @@ def write_dicom_series(phantom: Phantom, out_dir: str | Path, *, study_uid: str,
     ds.XRayTubeCurrent = 200
     ds.ConvolutionKernel = convolution_kernel
     ds.PatientPosition = "HFS"
-    ds.SeriesInstanceUID = series_uid
-    ds.SeriesNumber = int(series_number)
     ds.AcquisitionNumber = 1
-    ds.InstanceNumber = 1
     ds.ImagePositionPatient = [_ds_str(ox), _ds_str(oy), _ds_str(oz)]
     ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
     ds.FrameOfReferenceUID = frame_of_reference_uid
@@ -1052,10 +1054,8 @@ def write_localizer(phantom: Phantom, out_path: str | Path, *, study_uid: str, s
     ds.SeriesTime = ds.ContentTime = study_time
     ds.SeriesDescription = "Topogram AP"
     _set_patient_study(ds, study_uid=study_uid, study_date=study_date, study_time=study_time,
-                       patient_id=patient_id, patient_name=patient_name)
-    ds.SeriesInstanceUID = series_uid
-    ds.SeriesNumber = int(series_number)
-    ds.InstanceNumber = 1
+                       patient_id=patient_id, patient_name=patient_name, series_uid=series_uid,
+                       series_number=series_number)
     ds.KVP = "120"
     ds.SliceThickness = "0.6"
     ox, _, oz = phantom.origin_mm
@@ -1097,11 +1097,9 @@ def write_dose_sr(out_path: str | Path, *, study_uid: str, series_uid: str, stud
     ds.Modality = "SR"
     ds.SeriesDescription = "Dose Report"
     _set_patient_study(ds, study_uid=study_uid, study_date=study_date, study_time=study_time,
-                       patient_id=patient_id, patient_name=patient_name)
+                       patient_id=patient_id, patient_name=patient_name, series_uid=series_uid,
+                       series_number=series_number)
     ds.ContentDate, ds.ContentTime = study_date, study_time
-    ds.SeriesInstanceUID = series_uid
-    ds.SeriesNumber = int(series_number)
-    ds.InstanceNumber = 1
     ds.ValueType = "CONTAINER"
     ds.ConceptNameCodeSequence = DSequence([_code_item("113701", "DCM", "X-Ray Radiation Dose Report")])
     ds.ContinuityOfContent = "SEPARATE"
@@ -1139,10 +1137,8 @@ def write_dose_screen(out_path: str | Path, *, study_uid: str, series_uid: str, 
     ds.ConversionType = "WSD"
     ds.SeriesDescription = "Dose Info"
     _set_patient_study(ds, study_uid=study_uid, study_date=study_date, study_time=study_time,
-                       patient_id=patient_id, patient_name=patient_name)
-    ds.SeriesInstanceUID = series_uid
-    ds.SeriesNumber = int(series_number)
-    ds.InstanceNumber = 1
+                       patient_id=patient_id, patient_name=patient_name, series_uid=series_uid,
+                       series_number=series_number)
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = img.shape
