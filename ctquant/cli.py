@@ -29,6 +29,17 @@ app = typer.Typer(
 _STATE = {"debug": False}
 log = logging.getLogger("ctquant")
 
+# Options that several commands share, defined once so their names, defaults and help stay alike.
+METHOD = typer.Option("model", help="Lesion method: model (MONAI network) or hu (HU bands).")
+DEVICE = typer.Option("auto", help="auto, cpu or cuda.")
+SCAN_DEVICE = typer.Option("auto", help="auto, cpu or cuda (when scans are quantified).")
+QUANTIFY_CONFIG = typer.Option(None, "--config", help="YAML overriding configs/quantify.yaml.")
+QUANTIFY_CONFIG_OVER = typer.Option(None, "--quantify-config", help="YAML over configs/quantify.yaml.")
+ENDPOINTS_CONFIG = typer.Option(None, "--config", help="Endpoints YAML (default configs/endpoints.yaml).")
+SEG_FORMAT = typer.Option("nifti", "--seg-format", help="nifti, dicom-seg or both.")
+WORKERS = typer.Option(1, "--workers", min=1, help="Local worker processes (1: in this process).")
+SCHEDULER = typer.Option(None, "--scheduler", help="Dask scheduler address, e.g. tcp://host:8786 (needs the dask extra).")
+
 
 def _one_line(text: str) -> str:
     """Text that stays on one terminal line: control characters (newlines from headers or file names) escaped."""
@@ -131,13 +142,13 @@ def series(folder: Path = typer.Argument(..., help="A DICOM study folder (nested
 def quantify(
     input: Path = typer.Argument(..., help="A DICOM folder (or file) or a NIfTI/NRRD/MHA volume in HU."),
     out: Path = typer.Option(..., "--out", help="Results folder (created; files replaced atomically)."),
-    method: str = typer.Option("model", help="Lesion method: model (MONAI network) or hu (HU bands)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    method: str = METHOD,
+    device: str = DEVICE,
     subject: Optional[str] = typer.Option(None, "--subject", help="Subject ID (default: a hash of the patient ID)."),
     timepoint: Optional[str] = typer.Option(None, "--timepoint", help="Time point label, e.g. baseline, day14."),
     series_uid: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID to use."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML overriding configs/quantify.yaml."),
-    seg_format: str = typer.Option("nifti", "--seg-format", help="nifti, dicom-seg or both."),
+    config: Optional[Path] = QUANTIFY_CONFIG,
+    seg_format: str = SEG_FORMAT,
 ) -> None:
     """Segment lungs, GGO and consolidation in one scan and write measures and masks to --out."""
     from .pipeline import quantify_to_dir
@@ -182,15 +193,15 @@ def compare(
     baseline: Path = typer.Argument(..., help="First time point: a quantify results folder, measures.json, or a scan."),
     day14: Path = typer.Argument(..., help="Second time point: a quantify results folder, measures.json, or a scan."),
     out: Path = typer.Option(..., "--out", help="Output folder: comparison.csv, verdicts.csv, comparison.json."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Endpoints YAML (default configs/endpoints.yaml)."),
+    config: Optional[Path] = ENDPOINTS_CONFIG,
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch",
                                         help="Compare results of different method/model/config (recorded)."),
     from_tp: Optional[str] = typer.Option(None, "--from", help="Time point of the first (default: its own, else baseline)."),
     to_tp: Optional[str] = typer.Option(None, "--to", help="Time point of the second (default: its own, else day14)."),
     subject: Optional[str] = typer.Option(None, "--subject", help="Subject ID when scans are quantified."),
     method: str = typer.Option("model", help="Lesion method when scans are quantified: model or hu."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda (when scans are quantified)."),
-    quantify_config: Optional[Path] = typer.Option(None, "--quantify-config", help="YAML over configs/quantify.yaml."),
+    device: str = SCAN_DEVICE,
+    quantify_config: Optional[Path] = QUANTIFY_CONFIG_OVER,
 ) -> None:
     """Compare one patient's two time points: changes per lung and each endpoint's reduction verdict."""
     from rich.console import Console
@@ -214,15 +225,14 @@ def endpoints(
     manifest: Path = typer.Argument(..., help="CSV: subject_id, timepoint, input (relative to the CSV's folder); extra columns are kept."),
     out: Path = typer.Option(..., "--out", help="Output folder: endpoints.csv/.json, subjects.csv, plots; the batch's "
                                                 "scans/, cohort.csv, failures.csv (current results are reused)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Endpoints YAML (default configs/endpoints.yaml)."),
+    config: Optional[Path] = ENDPOINTS_CONFIG,
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch",
                                         help="Evaluate results of different method/model/config (recorded)."),
-    method: str = typer.Option("model", help="Lesion method: model (MONAI network) or hu (HU bands)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda (when scans are quantified)."),
-    quantify_config: Optional[Path] = typer.Option(None, "--quantify-config", help="YAML over configs/quantify.yaml."),
-    workers: int = typer.Option(1, "--workers", min=1, help="Local worker processes (1: in this process)."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler",
-                                            help="Dask scheduler address, e.g. tcp://host:8786 (needs the dask extra)."),
+    method: str = METHOD,
+    device: str = SCAN_DEVICE,
+    quantify_config: Optional[Path] = QUANTIFY_CONFIG_OVER,
+    workers: int = WORKERS,
+    scheduler: Optional[str] = SCHEDULER,
 ) -> None:
     """Cohort endpoints: % of participants with reduction, exact 95 % CI, per-subject table and plots."""
     from rich.console import Console
@@ -308,13 +318,12 @@ def agree(
 def batch(
     manifest: Path = typer.Argument(..., help="CSV with subject_id, timepoint, input (+ series_uid, extra columns)."),
     out: Path = typer.Option(..., "--out", help="Output folder: scans/<subject>/<timepoint>/, cohort.csv, failures.csv."),
-    workers: int = typer.Option(1, "--workers", min=1, help="Local worker processes (1: in this process)."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler",
-                                            help="Dask scheduler address, e.g. tcp://host:8786 (needs the dask extra)."),
-    method: str = typer.Option("model", help="Lesion method: model (MONAI network) or hu (HU bands)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML overriding configs/quantify.yaml."),
-    seg_format: str = typer.Option("nifti", "--seg-format", help="nifti, dicom-seg or both."),
+    workers: int = WORKERS,
+    scheduler: Optional[str] = SCHEDULER,
+    method: str = METHOD,
+    device: str = DEVICE,
+    config: Optional[Path] = QUANTIFY_CONFIG,
+    seg_format: str = SEG_FORMAT,
     force: bool = typer.Option(False, "--force", help="Recompute every scan, even with a current result."),
     endpoints_config: Optional[Path] = typer.Option(None, "--endpoints-config",
                                                     help="Endpoints YAML for the report (default configs/endpoints.yaml)."),
