@@ -83,8 +83,8 @@ REQUIRED_COLUMNS = ("subject_id", "timepoint", "input")
 #: Optional manifest column naming the DICOM series to use (not an "extra" column).
 SERIES_COLUMN = "series_uid"
 STATUSES = ("ok", "skipped", "failed")
-SEG_FILES = {"nifti": ("lungs.nii.gz", "lesions.nii.gz"), "dicom-seg": ("segmentation.dcm",),
-             "both": ("lungs.nii.gz", "lesions.nii.gz", "segmentation.dcm")}
+SEG_FILES = {"nifti": ("lungs.nii.gz", "lesions.nii.gz"), "dicom-seg": ("segmentation.dcm", "measurements.dcm"),
+             "both": ("lungs.nii.gz", "lesions.nii.gz", "segmentation.dcm", "measurements.dcm")}
 FAILURE_COLUMNS = ["subject_id", "timepoint", "input", "exit_code", "category", "reason"]
 LOCK_NAME = ".batch.lock"
 

@@ -13,12 +13,12 @@ segment is empty are omitted):
                                                                            modifier SCT 7771000 "Left"
  3    Ground-glass opacity    SCT 49755003 "Morphologically Abnormal       DCM 112120 "Ground glass opacity"
                               Structure"
- 4    Consolidation           SCT 49755003 "Morphologically Abnormal       99CTQ CTQ0002 "Consolidation"
-                              Structure"                                   (private, see below)
+ 4    Consolidation           SCT 49755003 "Morphologically Abnormal       SCT 9656002 "Consolidation"
+                              Structure"
 ====  ======================  ===========================================  ==============================
 
-Where the codes come from (all checked against the code dictionaries installed with pydicom 3,
-``pydicom.sr.codedict.codes``; nothing typed in from memory):
+Where the codes come from (checked against the code dictionaries installed with pydicom 3,
+``pydicom.sr.codedict.codes``, except where said):
 
 - categories: CID 7150 "Segmentation Property Categories" (``codes.cid7150``);
 - "Lung" SCT 39607008 is in CID 7151 "Segmentation Property Types"; the installed dictionaries hold no
@@ -27,22 +27,41 @@ Where the codes come from (all checked against the code dictionaries installed w
   segmentations do;
 - "Ground glass opacity" DCM 112120 is in CID 6102/6104 (chest CT findings); lesion segments carry the
   anatomic region SCT 39607008 "Lung";
-- consolidation has no code in the installed dictionaries, so it uses the local coding scheme
-  ``99CTQ`` (declared in the object's Coding Scheme Identification Sequence); readers should rely on
-  the segment label "Consolidation".
+- consolidation is SNOMED CT 9656002 "Consolidation" (a morphologically abnormal structure; not in
+  the installed dictionaries, so typed in here). ctquant 0.1's SEGs used a private code,
+  ``99CTQ CTQ0002``; :func:`read_seg` still recognises it.
+
+Made to validate (``dciodvfy``, David Clunie's validator) and to be read by dcmqi (3D Slicer's SEG
+reader):
+
+- the patient and study attributes are copied from the source series, which DICOM requires, but what
+  in them is not conformant is not copied forward (:func:`conformant_header`): items of copied
+  sequences that lack a required UID or code part are left out (e.g. a ReferencedStudySequence item
+  without ReferencedSOPClassUID, as in TCIA's Lung-PET-CT-Dx), and a person name of one component
+  without a ``^`` (the retired ACR-NEMA form) is written with its family-name delimiter (``Doe`` →
+  ``Doe^``, the same name under PS3.5 6.2, where trailing empty components may be dropped). Study ID
+  stays as the source has it (empty is allowed, Type 2, and it must match the study's other series);
+- the file is written in the *Deflated Explicit VR Little Endian* transfer syntax (lossless zlib)
+  with empty frames omitted: 1.4 MB instead of 32 MB for a 255 × 512² COVID-19 scan. Measured on
+  that scan, highdicom's encapsulated syntaxes do not serve: dcmqi 1.5.7 (DCMTK) refuses JPEG 2000
+  and JPEG-LS SEGs ("uses lossy compression"), and RLE is only written for 8-bit FRACTIONAL SEGs
+  (7.0 MB there, and dcmqi then writes every segment as value 1, so Slicer's merged import shows the
+  two lungs as one segment). ``dciodvfy`` (the PyPI build) cannot parse deflated files: validate the
+  same data set re-encoded uncompressed (:func:`uncompressed_copy`, as the tests do).
 
 The algorithm identification names ctquant, its version and the lesion method (family DCM 123110
 "Artificial Intelligence" for ``--method model``, DCM 123105 "Histogram Analysis" — HU bands — for
 ``--method hu``; the lungs always DCM 123104 "Morphological Operations"), with the method and model
-hash as parameters. The SEG's patient and study attributes are copied from the source images, as
-DICOM requires, so it files under the same patient and study.
+hash as parameters. The SEG files under the same patient and study as its source.
 
 Opening it
 ----------
 - **3D Slicer** (5.x, with the QuantitativeReporting extension, which provides the DICOM SEG plug-in):
   DICOM module → *Import DICOM files* → select the CT series folder and ``segmentation.dcm`` → *Load*
   the SEG (the CT loads with it); the four segments show in the Segment Editor / Data module with
-  their names and colours; *Segmentations* → *Show 3D* renders them.
+  their names and colours; *Segmentations* → *Show 3D* renders them. ``measurements.dcm`` (the SR
+  beside it, :mod:`ctquant.dicomsr`) loads with the same import and shows its numbers in
+  QuantitativeReporting's measurements table.
 - **OHIF viewer** (v3): upload the CT series and ``segmentation.dcm`` to the DICOMweb server (e.g.
   Orthanc: drag and drop into its web UI, or ``storescu``) and open the study, or use OHIF's local
   mode (``/local``) and drop the CT files and the SEG together; in the study panel double-click the
@@ -54,6 +73,7 @@ Slicer) back into SimpleITK label images, finding each class by its code or, fai
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from pathlib import Path
@@ -64,6 +84,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from . import __version__
 from .errors import InputError, OutputError
@@ -72,8 +93,12 @@ from .lungs import LEFT, RIGHT
 
 log = logging.getLogger(__name__)
 
-#: Local (private) coding scheme for concepts with no code in the installed dictionaries.
+#: The private coding scheme of ctquant 0.1's consolidation code (``99CTQ CTQ0002``), still read.
 LOCAL_SCHEME = "99CTQ"
+#: SNOMED CT 9656002 "Consolidation" (morphologically abnormal structure); not in pydicom's dictionaries.
+CONSOLIDATION_CODE = ("9656002", "SCT", "Consolidation")
+#: ``compression`` values of :func:`write_seg` and their transfer syntaxes.
+TRANSFER_SYNTAXES = {"deflate": DeflatedExplicitVRLittleEndian, "none": ExplicitVRLittleEndian}
 
 #: Segment display colours (RGB): Okabe–Ito colour-blind-safe palette, shared with the QC montage.
 COLOURS = {
@@ -110,7 +135,7 @@ def segment_definitions() -> list[dict[str, Any]]:
         {"number": 4, "key": "consolidation", "label": "Consolidation",
          "description": "Consolidation within the lungs",
          "category": codes.cid7150.MorphologicallyAbnormalStructure,
-         "type": _code("CTQ0002", LOCAL_SCHEME, "Consolidation"), "modifier": None, "region": lung},
+         "type": _code(*CONSOLIDATION_CODE), "modifier": None, "region": lung},
     ]
 
 
@@ -154,6 +179,62 @@ def _source_images(scan, arrays: list[np.ndarray]) -> tuple[list[Dataset], list[
     return datasets, out
 
 
+#: Attributes of a code (PS3.3 Table 8.8-1): a value (one of three forms), its scheme and meaning.
+_CODE_VALUES = ("CodeValue", "LongCodeValue", "URNCodeValue")
+_REFERENCE_UIDS = ("ReferencedSOPClassUID", "ReferencedSOPInstanceUID")
+
+
+def _conformant_item(item: Dataset) -> bool:
+    """False for a sequence item that is an incomplete SOP instance reference or coded entry."""
+    if any(k in item for k in _REFERENCE_UIDS) and not all(item.get(k) for k in _REFERENCE_UIDS):
+        return False
+    coded = [k for k in (*_CODE_VALUES, "CodingSchemeDesignator", "CodeMeaning") if k in item]
+    if coded and not (any(item.get(k) for k in _CODE_VALUES) and item.get("CodingSchemeDesignator")
+                      and item.get("CodeMeaning")):
+        return False
+    return True
+
+
+def conformant_person_name(value: Any) -> str:
+    """A person name with its family-name delimiter: ``Doe`` → ``Doe^`` (the same name, PS3.5 6.2),
+    so that it is not read as the retired single-string form; other values unchanged."""
+    text = str(value) if value is not None else ""
+    if text and "^" not in text and "=" not in text:
+        return text + "^"
+    return text
+
+
+def conformant_header(ds: Dataset) -> Dataset:
+    """A copy of a source image's header (no pixel data) with what is not conformant left out or repaired.
+
+    Top-level sequence items that are incomplete SOP instance references (one of Referenced SOP Class /
+    Instance UID missing or empty) or incomplete codes are dropped, and the sequence with them when
+    none is left; person names (PN) get their family-name delimiter (:func:`conformant_person_name`).
+    Derived objects (SEG, SR) copy the patient and study attributes from this copy, not the source.
+    """
+    out = Dataset()
+    for element in ds:
+        if element.tag != 0x7FE00010:  # all but PixelData
+            out.add(copy.deepcopy(element))
+    if hasattr(ds, "file_meta"):
+        out.file_meta = copy.deepcopy(ds.file_meta)
+    for element in list(out):
+        if element.VR == "SQ":
+            kept = [item for item in element.value if _conformant_item(item)]
+            if len(kept) != len(element.value):
+                log.info("not copying %d non-conformant item(s) of %s from the source",
+                         len(element.value) - len(kept), element.keyword)
+                if kept:
+                    element.value = kept
+                else:
+                    del out[element.tag]
+        elif element.VR == "PN" and element.value not in (None, ""):
+            names = element.value if element.VM > 1 else [element.value]
+            fixed = [conformant_person_name(v) for v in names]
+            element.value = fixed if element.VM > 1 else fixed[0]
+    return out
+
+
 def check_source(scan) -> None:
     """Raise the :class:`InputError` :func:`write_seg` would raise for lack of a usable DICOM source
     series, without building anything: call it right after loading to fail before the segmentation."""
@@ -188,6 +269,8 @@ def build_seg(scan, lung_labels: np.ndarray, lesion_labels: np.ndarray, *, metho
                          f"{scan.hu.shape}")
     masks = [lung_labels == RIGHT, lung_labels == LEFT, lesion_labels == GGO, lesion_labels == CONSOLIDATION]
     sources, masks = _source_images(scan, masks)
+    # highdicom copies the patient and study attributes from the first source image: a conformant copy.
+    sources = [conformant_header(sources[0]), *sources[1:]]
     pixels = np.stack(masks, axis=-1).astype(np.uint8)  # (frames, rows, columns, segments)
 
     params = {"method": method or "unknown"}
@@ -246,17 +329,48 @@ def build_seg(scan, lung_labels: np.ndarray, lesion_labels: np.ndarray, *, metho
         series_description=f"ctquant segmentation ({method or 'unknown'})"[:64],
         omit_empty_frames=not empty,  # an all-empty SEG still needs its frames
     )
-    scheme = Dataset()
-    scheme.CodingSchemeDesignator = LOCAL_SCHEME
-    scheme.CodingSchemeName = "ctquant local codes"
-    scheme.CodingSchemeResponsibleOrganization = "ctquant"
-    seg.CodingSchemeIdentificationSequence = [scheme]
     return seg
+
+
+def source_headers(scan) -> list[Dataset]:
+    """The headers of the scan's DICOM source images, in the scan's slice order (for references)."""
+    if scan.source_datasets:
+        return list(scan.source_datasets)
+    check_source(scan)
+    where = scan.meta.get("input")
+    try:
+        return [pydicom.dcmread(f, stop_before_pixels=True) for f in scan.meta["source_files"]]
+    except (OSError, pydicom.errors.InvalidDicomError) as exc:
+        raise InputError(f"cannot re-read the source series: {exc}", where) from None
+
+
+def save_dataset(ds: Dataset, path: str | Path, compression: str = "deflate") -> Path:
+    """Save a highdicom object (written uncompressed) in the transfer syntax of ``compression``."""
+    if compression not in TRANSFER_SYNTAXES:
+        raise ValueError(f"compression must be one of {sorted(TRANSFER_SYNTAXES)}, not {compression!r}")
+    if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        raise ValueError("save_dataset takes a natively encoded data set")
+    ds.file_meta.TransferSyntaxUID = TRANSFER_SYNTAXES[compression]
+    path = Path(path)
+    try:
+        ds.save_as(path, enforce_file_format=True)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path.name}: {exc.strerror or exc}", path) from None
+    return path
+
+
+def uncompressed_copy(path: str | Path, out: str | Path) -> Path:
+    """The DICOM file at ``path`` re-encoded as Explicit VR Little Endian (same data set) at ``out``,
+    for validators that cannot read the deflated transfer syntax (the PyPI build of dciodvfy)."""
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(out, enforce_file_format=True)
+    return Path(out)
 
 
 def write_seg(scan, lung_labels: np.ndarray, lesion_labels: np.ndarray, path: str | Path, *,
               method: str | None = None, model_sha256: str | None = None,
-              series_number: int | None = None) -> Path:
+              series_number: int | None = None, compression: str = "deflate") -> Path:
     """Write one binary DICOM SEG (right lung, left lung, GGO, consolidation) referencing the scan's series.
 
     Args:
@@ -266,19 +380,18 @@ def write_seg(scan, lung_labels: np.ndarray, lesion_labels: np.ndarray, path: st
         method: the lesion method (``model`` or ``hu``), recorded in the algorithm identification.
         model_sha256: the lesion model's hash, recorded as an algorithm parameter.
         series_number: the SEG's series number (default: 1000 + the source's, else 999).
+        compression: ``deflate`` (Deflated Explicit VR Little Endian, the default; see the module
+            docstring for why) or ``none`` (Explicit VR Little Endian).
 
     Raises:
         InputError: the scan has no DICOM source series (NIfTI/NRRD input) or an unsupported one.
         OutputError: the file cannot be written.
     """
+    if compression not in TRANSFER_SYNTAXES:
+        raise ValueError(f"compression must be one of {sorted(TRANSFER_SYNTAXES)}, not {compression!r}")
     seg = build_seg(scan, lung_labels, lesion_labels, method=method, model_sha256=model_sha256,
                     series_number=series_number)
-    path = Path(path)
-    try:
-        seg.save_as(path)
-    except OSError as exc:
-        raise OutputError(f"cannot write DICOM SEG: {exc.strerror or exc}", path) from None
-    return path
+    return save_dataset(seg, path, compression)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,7 +436,7 @@ def classify_segments(seg) -> dict[str, list[int]]:
             key = "left_lung"
         elif ("DCM", codes.DCM.GroundGlassOpacity.value) in types:
             key = "ggo"
-        elif (LOCAL_SCHEME, "CTQ0002") in types:
+        elif (CONSOLIDATION_CODE[1], CONSOLIDATION_CODE[0]) in types or (LOCAL_SCHEME, "CTQ0002") in types:
             key = "consolidation"
         else:
             label = " ".join(str(item.get(n, "")) for n in ("SegmentLabel", "SegmentDescription"))

@@ -2,8 +2,9 @@
 
 A results folder holds ``measures.json`` (written last: its presence marks a complete result),
 ``measures.csv``, ``lungs.nii.gz`` (1 right, 2 left) and ``lesions.nii.gz`` (1 GGO, 2 consolidation),
-on the input's grid and geometry (``segmentation.dcm``, a DICOM SEG, instead or as well with
-``seg_format``), ``qc.png`` (QC montage) and ``report.html`` (self-contained per-scan report).
+on the input's grid and geometry (``segmentation.dcm``, a DICOM SEG, with ``measurements.dcm``, a
+DICOM SR of the numbers, instead or as well with ``seg_format``), ``qc.png`` (QC montage) and
+``report.html`` (self-contained per-scan report).
 """
 
 from __future__ import annotations
@@ -197,10 +198,14 @@ def write_results(seg: Segmentation, out_dir: str | Path, seg_format: str = "nif
             write_label_image(seg.scan, seg.lung_labels, tmp / "lungs.nii.gz")
             write_label_image(seg.scan, seg.lesion_labels, tmp / "lesions.nii.gz")
         if seg_format in ("dicom-seg", "both"):
-            from .dicomseg import write_seg
+            from .dicomseg import source_headers, write_seg
+            from .dicomsr import write_sr
 
-            write_seg(seg.scan, seg.lung_labels, seg.lesion_labels, tmp / "segmentation.dcm",
-                      method=seg.measures["method"], model_sha256=seg.measures["provenance"].get("model_sha256"))
+            seg_path = write_seg(seg.scan, seg.lung_labels, seg.lesion_labels, tmp / "segmentation.dcm",
+                                 method=seg.measures["method"],
+                                 model_sha256=seg.measures["provenance"].get("model_sha256"))
+            # The numbers as a DICOM SR (TID 1500) beside the SEG, referencing its segments.
+            write_sr(seg_path, source_headers(seg.scan), seg.measures, tmp / "measurements.dcm")
         m = seg.measures
         row = {"subject_id": m["subject_id"], "timepoint": m["timepoint"], "method": m["method"],
                **flatten(m["lungs"], m["bilateral"]), "flags": ";".join(m["flags"]),
