@@ -10,17 +10,22 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 
-from ctquant.dicomseg import LOCAL_SCHEME, check_source, read_seg, read_seg_arrays, write_seg
+from ctquant.dicomseg import (LOCAL_SCHEME, check_source, conformant_header, conformant_person_name, read_seg,
+                              read_seg_arrays, write_seg)
 from ctquant.errors import InputError
 from ctquant.io import load_scan
 
 
 def make_ct_series(folder: Path, n: int = 12, rows: int = 48, cols: int = 40,
                    spacing: tuple[float, float, float] = (2.5, 0.8, 0.75),
-                   orientation: tuple[float, ...] = (1, 0, 0, 0, 1, 0)) -> Path:
-    """A tiny CT series (air around a -800 HU block), files in shuffled order, with a patient name/ID."""
+                   orientation: tuple[float, ...] = (1, 0, 0, 0, 1, 0), patient_name: str = "Secret^Patient",
+                   referenced_study_class: bool = True) -> Path:
+    """A tiny CT series (air around a -800 HU block), files in shuffled order, with a patient name/ID.
+
+    ``referenced_study_class=False`` gives it a ReferencedStudySequence item without its SOP Class UID
+    (as TCIA's Lung-PET-CT-Dx series have)."""
     folder.mkdir(parents=True, exist_ok=True)
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
     row, col = np.array(orientation[:3], float), np.array(orientation[3:], float)
@@ -31,7 +36,12 @@ def make_ct_series(folder: Path, n: int = 12, rows: int = 48, cols: int = 40,
         meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, uid
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta, ds.SOPClassUID, ds.SOPInstanceUID = meta, CTImageStorage, uid
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Secret^Patient", "PID-SECRET-42", "", "O"
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = patient_name, "PID-SECRET-42", "", "O"
+        ref = Dataset()
+        ref.ReferencedSOPInstanceUID = "1.2.3.4"
+        if referenced_study_class:
+            ref.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
+        ds.ReferencedStudySequence = [ref]
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
         ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20200401", "120000", "", "1"
         ds.ReferringPhysicianName, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "", "CT", 3, int(k) + 1
@@ -125,13 +135,14 @@ def test_references_codes_and_omitted_frames(toy):
         assert code(segs[number].SegmentedPropertyTypeCodeSequence[0],
                     "SegmentedPropertyTypeModifierCodeSequence") == side
     assert code(segs[3], "SegmentedPropertyTypeCodeSequence") == ("DCM", "112120")
-    assert code(segs[4], "SegmentedPropertyTypeCodeSequence") == (LOCAL_SCHEME, "CTQ0002")
+    assert code(segs[4], "SegmentedPropertyTypeCodeSequence") == ("SCT", "9656002")  # SNOMED CT Consolidation
     for number in (3, 4):
         assert code(segs[number], "SegmentedPropertyCategoryCodeSequence") == ("SCT", "49755003")
         assert code(segs[number], "AnatomicRegionSequence") == ("SCT", "39607008")
         algo = segs[number].SegmentationAlgorithmIdentificationSequence[0]
         assert algo.AlgorithmName.startswith("ctquant") and "method=hu" in algo.AlgorithmParameters
-    assert ds.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == LOCAL_SCHEME
+    assert "CodingSchemeIdentificationSequence" not in ds  # no private codes left
+    assert ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
     assert all(s.SegmentAlgorithmType == "AUTOMATIC" for s in ds.SegmentSequence)
     # highdicom reads it back as a valid Segmentation object.
     seg = hd.seg.segread(path)
@@ -218,3 +229,54 @@ def test_sample_study_truth_round_trip(sample_dir, tmp_path):
     back_lungs, back_lesions = read_seg_arrays(path, scan.source_datasets)
     assert np.array_equal(back_lungs, lungs)
     assert np.array_equal(back_lesions, lesions)
+
+
+def test_uncompressed_option_and_size(toy, tmp_path):
+    scan, lungs, lesions, deflated = toy
+    plain = write_seg(scan, lungs, lesions, tmp_path / "plain.dcm", method="hu", compression="none")
+    assert pydicom.dcmread(plain, stop_before_pixels=True).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert deflated.stat().st_size < plain.stat().st_size / 2
+    assert np.array_equal(read_seg_arrays(plain, scan.source_datasets)[1], lesions)
+    with pytest.raises(ValueError, match="compression"):
+        write_seg(scan, lungs, lesions, tmp_path / "x.dcm", compression="jpeg")
+    assert not (tmp_path / "x.dcm").exists()
+
+
+@pytest.mark.parametrize("value, expected", [("Lung_Dx-A0001", "Lung_Dx-A0001^"), ("Doe^John", "Doe^John"),
+                                             ("", ""), ("Yamada=山田", "Yamada=山田")])
+def test_conformant_person_name(value, expected):
+    assert conformant_person_name(value) == expected
+
+
+def test_non_conformant_source_header_not_copied(tmp_path):
+    folder = make_ct_series(tmp_path / "ct", n=10, patient_name="Lung_Dx-A0001", referenced_study_class=False)
+    scan = load_scan(folder)
+    source = scan.source_datasets[0]
+    clean = conformant_header(source)
+    assert "ReferencedStudySequence" not in clean and "PixelData" not in clean
+    assert str(clean.PatientName) == "Lung_Dx-A0001^"
+    # The source itself is left as it was.
+    assert str(source.PatientName) == "Lung_Dx-A0001" and "ReferencedStudySequence" in source
+    lungs, lesions = toy_labels(scan.hu.shape)
+    ds = pydicom.dcmread(write_seg(scan, lungs, lesions, tmp_path / "seg.dcm", method="hu"))
+    assert "ReferencedStudySequence" not in ds
+    assert str(ds.PatientName) == "Lung_Dx-A0001^" and ds.PatientID == source.PatientID
+    assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.StudyID == source.StudyID
+
+
+def test_conformant_reference_items_are_kept(toy):
+    source = toy[0].source_datasets[0]
+    clean = conformant_header(source)
+    assert clean.ReferencedStudySequence[0].ReferencedSOPClassUID == "1.2.840.10008.3.1.2.3.1"
+    assert str(clean.PatientName) == "Secret^Patient"
+
+
+def test_legacy_private_consolidation_code_still_read(toy, tmp_path):
+    """SEGs written by ctquant 0.1 coded consolidation as 99CTQ CTQ0002: they still read back."""
+    scan, lungs, lesions, path = toy
+    ds = pydicom.dcmread(path)
+    item = ds.SegmentSequence[3].SegmentedPropertyTypeCodeSequence[0]
+    item.CodeValue, item.CodingSchemeDesignator = "CTQ0002", LOCAL_SCHEME
+    ds.SegmentSequence[3].SegmentLabel = "Segment 4"  # so that only the code can identify it
+    ds.save_as(tmp_path / "old.dcm")
+    assert np.array_equal(read_seg_arrays(tmp_path / "old.dcm", scan.source_datasets)[1], lesions)
