@@ -1,7 +1,7 @@
 """A DICOM Structured Report of ctquant's numbers (TID 1500 Measurement Report), written with highdicom.
 
 :func:`write_sr` writes ``measurements.dcm`` beside the SEG (:mod:`ctquant.dicomseg`): a
-Comprehensive 3D SR holding, per lung and for both, the lung volume, the GGO and consolidation
+Comprehensive SR (no spatial coordinates are needed, and it is the class the most readers take) holding, per lung and for both, the lung volume, the GGO and consolidation
 volumes and their % of that lung, so that a PACS, OHIF or 3D Slicer shows the numbers and not only the
 masks. Every number is taken from the measures dict (``measures.json``'s ``lungs``), rounded as there.
 
@@ -13,14 +13,17 @@ group (tracking id)   references          measurements
 ====================  ==================  =========================================================
 Right lung            SEG segment 1       Volume (mL), finding site Lung, laterality Right
 Left lung             SEG segment 2       Volume (mL), finding site Lung, laterality Left
-Lungs                 (TID 1501)          Volume (mL) of both lungs
 Ground-glass opacity  SEG segment 3       Volume (mL) and Volume Ratio (% of both lungs)
+Consolidation         SEG segment 4       the same
 Ground-glass opacity, SEG segment 3       the same for the part in the right lung (group finding
 right lung                                site Lung, laterality Right)
-Ground-glass opacity, SEG segment 3       the same, left lung
-left lung
-Consolidation ...     SEG segment 4       the same three groups
+... left lung, and    SEG segments 3, 4   the same, for each lesion class and lung
+Consolidation, ...
+Lungs                 (TID 1501)          Volume (mL) of both lungs
 ====================  ==================  =========================================================
+
+The first four groups are one per SEG segment, in segment order, because 3D Slicer's
+QuantitativeReporting pairs report groups with the loaded segments in that order.
 
 Laterality sits on the group's finding site (not on single measurements) because dcmqi's TID 1500
 reader, which 3D Slicer's QuantitativeReporting uses, interprets it only there.
@@ -101,7 +104,7 @@ def _algorithm(provenance: dict[str, Any], method: str):
 
 def build_sr(seg: Dataset, sources: Sequence[Dataset], measures: dict[str, Any], *,
              series_number: int | None = None):
-    """A :class:`highdicom.sr.Comprehensive3DSR` of ``measures`` referencing ``seg``'s segments.
+    """A :class:`highdicom.sr.ComprehensiveSR` of ``measures`` referencing ``seg``'s segments.
 
     Args:
         seg: the ctquant SEG the numbers were measured on (a header is enough).
@@ -135,6 +138,16 @@ def build_sr(seg: Dataset, sources: Sequence[Dataset], measures: dict[str, Any],
     def ratio(value: float) -> Measurement:
         return Measurement(name=codes.DCM.VolumeRatio, value=float(value), unit=units["%"], algorithm_id=algorithm)
 
+    def lesion_group(key: str, number: int, label: str, side: str):
+        """The part of a lesion segment in one lung (or both): the group's finding site says which."""
+        return VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier=_tracking_label(label, side)),
+            referenced_segment=segment(number), finding_type=_finding_type(key),
+            finding_category=codes.cid7150.MorphologicallyAbnormalStructure, finding_sites=[_site(side)],
+            algorithm_id=algorithm,
+            measurements=[volume(lungs[side][f"{key}_volume_ml"]), ratio(lungs[side][f"{key}_pct"])])
+
+    # First one group per SEG segment, in segment order (3D Slicer pairs groups with segments so).
     groups = []
     for side, number, label in LUNG_SEGMENTS:
         groups.append(VolumetricROIMeasurementsAndQualitativeEvaluations(
@@ -142,19 +155,13 @@ def build_sr(seg: Dataset, sources: Sequence[Dataset], measures: dict[str, Any],
             referenced_segment=segment(number), finding_type=codes.SCT.Lung,
             finding_category=codes.cid7150.AnatomicalStructure, finding_sites=[_site(side)],
             algorithm_id=algorithm, measurements=[volume(lungs[side]["lung_volume_ml"])]))
+    groups += [lesion_group(key, number, label, "both") for key, number, label in LESIONS]
+    groups += [lesion_group(key, number, label, side) for key, number, label in LESIONS for side in ("right", "left")]
     groups.append(MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier="Lungs"),
         finding_type=codes.SCT.Lung, finding_category=codes.cid7150.AnatomicalStructure,
         finding_sites=[_site("both")], algorithm_id=algorithm,
         measurements=[volume(lungs["both"]["lung_volume_ml"])]))
-    for key, number, label in LESIONS:
-        for side in SIDES:  # the part of the lesion segment in that lung: the group's finding site
-            groups.append(VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier=_tracking_label(label, side)),
-                referenced_segment=segment(number), finding_type=_finding_type(key),
-                finding_category=codes.cid7150.MorphologicallyAbnormalStructure, finding_sites=[_site(side)],
-                algorithm_id=algorithm,
-                measurements=[volume(lungs[side][f"{key}_volume_ml"]), ratio(lungs[side][f"{key}_pct"])]))
 
     model_sha = provenance.get("model_sha256")
     observer = ObserverContext(
@@ -169,7 +176,7 @@ def build_sr(seg: Dataset, sources: Sequence[Dataset], measures: dict[str, Any],
         imaging_measurements=groups)
     if series_number is None:
         series_number = int(seg.SeriesNumber) + 1 if seg.get("SeriesNumber") not in (None, "") else 1000
-    return hd.sr.Comprehensive3DSR(
+    return hd.sr.ComprehensiveSR(
         evidence=[seg, *sources],
         content=report,
         series_instance_uid=hd.UID(),

