@@ -60,8 +60,8 @@ Opening it
   DICOM module → *Import DICOM files* → select the CT series folder and ``segmentation.dcm`` → *Load*
   the SEG (the CT loads with it); the four segments show in the Segment Editor / Data module with
   their names and colours; *Segmentations* → *Show 3D* renders them. ``measurements.dcm`` (the SR
-  beside it, :mod:`ctquant.dicomsr`) loads with the same import and shows its numbers in
-  QuantitativeReporting's measurements table.
+  beside it, :mod:`ctquant.dicomsr`) loads with the same import as QuantitativeReporting's
+  measurements table (see the README for a caveat).
 - **OHIF viewer** (v3): upload the CT series and ``segmentation.dcm`` to the DICOMweb server (e.g.
   Orthanc: drag and drop into its web UI, or ``storescu``) and open the study, or use OHIF's local
   mode (``/local``) and drop the CT files and the SEG together; in the study panel double-click the
