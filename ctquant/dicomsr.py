@@ -55,7 +55,7 @@ from . import __version__
 from .dicomseg import CONSOLIDATION_CODE, save_dataset
 from .errors import InputError
 
-#: (measures key prefix, SEG segment number, tracking id, finding type code).
+#: (measures key prefix, SEG segment number, tracking identifier) of the lesion groups.
 LESIONS = (("ggo", 3, "Ground-glass opacity"), ("consolidation", 4, "Consolidation"))
 LUNG_SEGMENTS = (("right", 1, "Right lung"), ("left", 2, "Left lung"))
 SIDES = ("right", "left", "both")
