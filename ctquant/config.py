@@ -1,10 +1,17 @@
-"""Settings files under ``configs/``: loading, defaults and a stable hash for provenance."""
+"""Settings files under ``configs/``: loading, defaults and a stable hash for provenance.
+
+The shipped configs and model weights live at the repository root (``configs/``, ``models/``: the one
+copy in git). A wheel carries them as package data (``ctquant/configs``, ``ctquant/models``, mapped in
+``pyproject.toml``); :func:`data_dir` finds them with :mod:`importlib.resources` in an installed
+package and falls back to the source tree (editable install, ``PYTHONPATH``).
+"""
 
 from __future__ import annotations
 
 import copy
 import functools
 import hashlib
+import importlib.resources
 import json
 from pathlib import Path
 from typing import Any
@@ -13,12 +20,25 @@ import yaml
 
 from .errors import InputError
 
-#: The folder of configuration files shipped with the project.
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 #: The package's own folder (its code is hashed for provenance).
 PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def data_dir(name: str) -> Path:
+    """The folder of shipped data ``name`` (``configs`` or ``models``).
+
+    Installed from a wheel: the package data ``ctquant/<name>``; from a source tree: ``<repo>/<name>``.
+    """
+    packaged = importlib.resources.files("ctquant").joinpath(name)
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return PACKAGE_DIR.parent / name
+
+
+#: The folder of configuration files shipped with the project.
+CONFIG_DIR = data_dir("configs")
 #: The folder of shipped model weights.
-MODEL_DIR = Path(__file__).resolve().parent.parent / "models"
+MODEL_DIR = data_dir("models")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
