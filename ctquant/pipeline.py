@@ -260,15 +260,25 @@ def check_seg_format(seg_format: str) -> None:
         raise InputError(f"unknown --seg-format {seg_format!r} ({', '.join(SEG_FORMATS[:-1])} or {SEG_FORMATS[-1]})")
 
 
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_writable(out_dir: Path, probe_bytes: int = 1 << 20) -> None:
-    """Refuse an output folder that cannot be written, before any work: the folder (or its parent, to
-    be created) must take a file of ``probe_bytes`` (a full disk or a read-only mount fails here)."""
+    """Refuse an output folder that cannot be written, before any work and without creating it: the
+    folder, or the closest folder above it that exists, must take a file of ``probe_bytes`` (a full
+    disk or a read-only mount fails here)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError("exists and is not a folder", out_dir)
-    parent = out_dir if out_dir.is_dir() else out_dir.parent
+    where = _nearest_existing(out_dir)
+    if not where.is_dir():
+        raise OutputError(f"cannot write here: {where} is not a folder", out_dir)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(prefix=f".{out_dir.name}.probe-", dir=parent) as probe:
+        with tempfile.NamedTemporaryFile(prefix=f".{out_dir.name}.probe-", dir=where) as probe:
             probe.write(b"\0" * probe_bytes)
             probe.flush()
             os.fsync(probe.fileno())
@@ -287,9 +297,8 @@ def estimated_result_bytes(scan: Scan, seg_format: str) -> int:
 
 def check_free_space(out_dir: Path, needed_bytes: int) -> None:
     """Refuse an output folder on a disk with less than ``needed_bytes`` free (twice: temporary + final)."""
-    parent = out_dir if out_dir.is_dir() else out_dir.parent
     try:
-        free = shutil.disk_usage(parent).free
+        free = shutil.disk_usage(_nearest_existing(out_dir)).free
     except OSError:
         return  # unknown: the write itself will tell
     if free < 2 * needed_bytes:
