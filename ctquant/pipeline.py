@@ -29,9 +29,9 @@ from . import __version__
 from .config import code_sha256, config_hash, file_sha256, load_quantify_config
 from .errors import InputError, OutputError
 from .io import Scan, load_scan, write_label_image
-from .lesions import VESSEL_SETTINGS, segment_lesions_hu
-from .lungs import segment_lungs
-from .quantify import bilateral_flags, flatten, lung_measures, quality_flags
+
+# The lung, lesion and measure steps (scipy, scikit-image) are imported where they run, so that a bad
+# option or output folder is refused without waiting for those imports.
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,10 @@ def analyse_scan(scan: Scan, *, method: str = "model", device: str = "cpu", conf
     """
     if method not in METHODS:
         raise InputError(f"unknown method {method!r} (model or hu)")
+    from .lesions import VESSEL_SETTINGS, segment_lesions_hu
+    from .lungs import segment_lungs
+    from .quantify import bilateral_flags, lung_measures, quality_flags
+
     progress = progress or (lambda stage: None)
     config = config or load_quantify_config()
     timings: dict[str, float] = {}
@@ -215,6 +219,8 @@ def atomic_output_dir(out_dir: str | Path) -> Iterator[Path]:
 def write_results(seg: Segmentation, out_dir: str | Path, seg_format: str = "nifti", report: bool = True) -> Path:
     """Write a results folder atomically (see module docstring); ``report``: also ``qc.png`` and
     ``report.html`` (:mod:`ctquant.qc`, :mod:`ctquant.reports`)."""
+    from .quantify import flatten
+
     check_seg_format(seg_format)
     out_dir = Path(out_dir)
     with atomic_output_dir(out_dir) as tmp:
