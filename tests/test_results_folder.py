@@ -160,3 +160,14 @@ def test_known_config_keys_still_accepted(tmp_path: Path):
     merged = load_quantify_config(config)
     assert merged["bilateral_min_pct_of_lung"] == 1.0 and merged["series_selection"]["kernel"] == "sharp"
     assert merged["series_selection"]["smooth_kernels"]  # the rest of the section is kept
+
+
+def test_dicom_seg_of_a_series_without_uid_refused_before_segmenting(tmp_path: Path, monkeypatch):
+    from ctquant import pipeline
+
+    monkeypatch.setattr(pipeline, "analyse_scan", lambda *a, **k: (_ for _ in ()).throw(AssertionError("segmented")))
+    for path in bi.write_series(tmp_path / "study"):
+        bi.edit(path, lambda ds: setattr(ds, "SeriesInstanceUID", ""))
+    code, _, stderr = quantify(str(tmp_path / "study"), "--out", str(tmp_path / "o"), "--seg-format", "both")
+    assert code == 3 and "DICOM SEG needs the source's SeriesInstanceUID" in stderr
+    assert not (tmp_path / "o").exists()
