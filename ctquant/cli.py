@@ -8,6 +8,7 @@ Each command catches :class:`ctquant.errors.CtquantError`, prints one line
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import sys
 import traceback
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import typer
+import typer.core
 
 from . import __version__
 from .errors import CtquantError
@@ -22,6 +24,7 @@ from .errors import CtquantError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Chest CT quantification of COVID-19 pneumonia: lungs, GGO, consolidation, trial endpoints.",
     pretty_exceptions_enable=False,
 )
@@ -41,6 +44,46 @@ WORKERS = typer.Option(1, "--workers", min=1, help="Local worker processes (1: i
 SCHEDULER = typer.Option(None, "--scheduler", help="Dask scheduler address, e.g. tcp://host:8786 (needs the dask extra).")
 
 
+def _hide_flag_types() -> None:
+    """Typer's help shows ``<bool>`` beside on/off flags (``--force``, ``--help``), as if they took a
+    value; show no type for them, as click does."""
+    original = getattr(typer.core.TyperOption, "display_type_rich", None)
+    if original is None or getattr(original, "_ctquant", False):
+        return
+
+    def display_type_rich(self, ctx):
+        if getattr(self, "is_flag", False) and not getattr(self, "count", False):
+            return None
+        return original(self, ctx)
+
+    display_type_rich._ctquant = True
+    typer.core.TyperOption.display_type_rich = display_type_rich
+
+
+_hide_flag_types()
+
+
+class _Formatter(logging.Formatter):
+    """``ctquant: warning: ...``, in the case of ``ctquant: error: ...``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"ctquant: {record.levelname.lower()}: {record.getMessage()}" + (
+            "\n" + self.formatException(record.exc_info) if record.exc_info else "")
+
+
+def configure_logging(debug: bool) -> None:
+    """Warnings (debug logs and tracebacks with ``--debug``) on stderr, one line each."""
+    _STATE["debug"] = debug
+    handler = logging.StreamHandler(sys.stderr)  # the stream of this invocation (in-process runners swap it)
+    handler.setFormatter(_Formatter())
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler], force=True)
+    # pydicom warns (and logs) about every odd header value; that chatter would break the one-line
+    # error contract on stderr, so it goes to the log, shown with --debug only.
+    logging.captureWarnings(True)
+    for name in ("py.warnings", "pydicom"):
+        logging.getLogger(name).setLevel(logging.NOTSET if debug else logging.ERROR)
+
+
 def _one_line(text: str) -> str:
     """Text that stays on one terminal line: control characters (newlines from headers or file names) escaped."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
@@ -52,10 +95,15 @@ def _fail(message: str, code: int) -> None:
 
 
 def handle_errors(func: Callable) -> Callable:
-    """Turn library errors into one-line messages and documented exit codes."""
+    """Turn library errors into one-line messages and documented exit codes.
+
+    The command also takes ``--debug`` (as ``ctquant --debug COMMAND`` does).
+    """
 
     @functools.wraps(func)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args, debug: bool = False, **kwargs):
+        if debug and not _STATE["debug"]:
+            configure_logging(True)
         try:
             return func(*args, **kwargs)
         except typer.Exit:
@@ -72,6 +120,12 @@ def handle_errors(func: Callable) -> Callable:
             first = str(exc).splitlines()[0] if str(exc) else ""
             _fail(f"internal error ({type(exc).__name__}: {first}); rerun with --debug and report it", 1)
 
+    signature = inspect.signature(func, eval_str=True)
+    debug_param = inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                                    default=typer.Option(False, "--debug", help="Show tracebacks and debug logs."))
+    params = list(signature.parameters.values())
+    wrapper.__signature__ = signature.replace(parameters=[*params, debug_param])
+    wrapper.__annotations__ = {**func.__annotations__, "debug": bool}
     return wrapper
 
 
@@ -88,37 +142,29 @@ def _root(
         None, "--version", callback=_version_callback, is_eager=True, help="Print the version."
     ),
 ) -> None:
-    _STATE["debug"] = debug
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
-        format="ctquant: %(levelname)s: %(message)s",
-        stream=sys.stderr,
-        force=True,  # the stream of this invocation (in-process runners swap sys.stderr)
-    )
-    # pydicom warns (and logs) about every odd header value; that chatter would break the one-line
-    # error contract on stderr, so it goes to the log, shown with --debug only.
-    logging.captureWarnings(True)
-    if not debug:
-        logging.getLogger("py.warnings").setLevel(logging.ERROR)
-        logging.getLogger("pydicom").setLevel(logging.ERROR)
+    configure_logging(debug)
 
 
 @app.command()
 @handle_errors
-def series(folder: Path = typer.Argument(..., help="A DICOM study folder (nested, any file names).")) -> None:
-    """List the DICOM series of a study folder and mark the one `quantify` would pick."""
+def series(folder: Path = typer.Argument(..., help="A DICOM study folder (nested, any file names)."),
+           config: Optional[Path] = typer.Option(None, "--config", help="YAML overriding configs/quantify.yaml "
+                                                                         "(its series_selection rule).")) -> None:
+    """List the DICOM series of a study folder and mark the one `quantify` would pick, and why."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    from .io import find_series, select_series
+    from .config import load_quantify_config
+    from .io import choose_series, find_series, kernel_class
 
+    selection = load_quantify_config(config)["series_selection"]
     found = find_series(folder)
     try:
-        chosen = select_series(found, root=folder).series_uid
-    except CtquantError:
-        chosen = None
-    from rich.markup import escape
-
+        choice = choose_series(found, root=folder, selection=selection)
+        chosen, why = choice.info.series_uid, choice.reason
+    except CtquantError as exc:
+        chosen, why = None, exc.reason
     table = Table(title=escape(f"{len(found)} series in {folder}"))
     for column in ("", "modality", "description", "images", "thickness mm", "pixel mm", "kernel",
                    "study date", "series UID / note"):
@@ -126,29 +172,40 @@ def series(folder: Path = typer.Argument(..., help="A DICOM study folder (nested
     for info in found:
         note = info.unsuitable_reason()
         spacing = "x".join(f"{v:.2f}" for v in info.pixel_spacing_mm) if info.pixel_spacing_mm else "-"
+        kernel = f"{info.kernel} ({kernel_class(info.kernel, selection)})" if info.kernel else "-"
+        uid = info.series_uid + (" (no SeriesInstanceUID: grouped by study, frame of reference and grid)"
+                                 if info.uid_missing else "")
         cells = ("*" if info.series_uid == chosen else "", info.modality, info.description,
                  str(info.n_images), f"{info.slice_thickness_mm:g}" if info.slice_thickness_mm else "-",
-                 spacing, info.kernel or "-", info.study_date or "-", info.series_uid)
+                 spacing, kernel, info.study_date or "-", uid)
         # Header text is data, not rich markup; control characters would break the table.
         cells = [escape(_one_line(c)) for c in cells]
         table.add_row(*cells[:-1], cells[-1] + (f"\n(skipped: {escape(_one_line(note))})" if note else ""))
-    Console(width=200).print(table)
+    console = Console(width=200)
+    console.print(table)
+    console.print(f"rule: series_selection.kernel = {selection['kernel']}: most images, then thinnest slices, "
+                  f"then the {'kernel ignored' if selection['kernel'] == 'any' else selection['kernel'] + 'est kernel'}",
+                  markup=False, highlight=False)
     if chosen is None:
-        typer.echo("no series suitable for quantification", err=True)
+        typer.echo(f"no series chosen: {_one_line(why)}", err=True)
+    else:
+        console.print(f"* chosen: {_one_line(why)}", markup=False, highlight=False)
 
 
 @app.command()
 @handle_errors
 def quantify(
     input: Path = typer.Argument(..., help="A DICOM folder (or file) or a NIfTI/NRRD/MHA volume in HU."),
-    out: Path = typer.Option(..., "--out", help="Results folder (created; files replaced atomically)."),
+    out: Path = typer.Option(..., "--out", help="Results folder (created; files replaced atomically; "
+                                                "files of an older run there are removed)."),
     method: str = METHOD,
     device: str = DEVICE,
     subject: Optional[str] = typer.Option(None, "--subject", help="Subject ID (default: a hash of the patient ID)."),
     timepoint: Optional[str] = typer.Option(None, "--timepoint", help="Time point label, e.g. baseline, day14."),
-    series_uid: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID to use."),
+    series_uid: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID to use (as ctquant series lists it)."),
     config: Optional[Path] = QUANTIFY_CONFIG,
     seg_format: str = SEG_FORMAT,
+    force: bool = typer.Option(False, "--force", help="Replace a result of another subject or series in --out."),
 ) -> None:
     """Segment lungs, GGO and consolidation in one scan and write measures and masks to --out."""
     from .pipeline import quantify_to_dir
@@ -159,7 +216,7 @@ def quantify(
     with Console(stderr=True).status("starting") as status:
         measures = quantify_to_dir(input, out, method=method, device=device, subject_id=subject,
                                    timepoint=timepoint, config_path=config, series_uid=series_uid,
-                                   seg_format=seg_format,
+                                   seg_format=seg_format, refuse_other_run=not force,
                                    progress=lambda stage: status.update(escape(f"{input}: {stage}")))
     _print_measures(measures, out)
 
@@ -182,8 +239,7 @@ def _print_measures(measures: dict, out: Path) -> None:
     console.print(table)
     bilateral = ", ".join(k for k, v in measures["bilateral"].items() if v) or "none"
     console.print(f"bilateral: {bilateral}")
-    for flag in measures["flags"]:
-        console.print(f"[yellow]warning: {flag}[/yellow]")
+    # quality flags were logged once as warnings while measuring (ctquant: warning: ...)
     console.print(f"results in {out}", markup=False, highlight=False)
 
 
@@ -215,7 +271,7 @@ def compare(
     for table in comparison_table(doc):
         console.print(table)
     for note in doc["notes"]:
-        console.print(f"[yellow]warning: {note}[/yellow]")
+        log.warning("%s", note)
     console.print(f"results in {out}", markup=False, highlight=False)
 
 

@@ -1,10 +1,17 @@
-"""Settings files under ``configs/``: loading, defaults and a stable hash for provenance."""
+"""Settings files under ``configs/``: loading, defaults and a stable hash for provenance.
+
+The shipped configs and model weights live at the repository root (``configs/``, ``models/``: the one
+copy in git). A wheel carries them as package data (``ctquant/configs``, ``ctquant/models``, mapped in
+``pyproject.toml``); :func:`data_dir` finds them with :mod:`importlib.resources` in an installed
+package and falls back to the source tree (editable install, ``PYTHONPATH``).
+"""
 
 from __future__ import annotations
 
 import copy
 import functools
 import hashlib
+import importlib.resources
 import json
 from pathlib import Path
 from typing import Any
@@ -13,12 +20,25 @@ import yaml
 
 from .errors import InputError
 
-#: The folder of configuration files shipped with the project.
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 #: The package's own folder (its code is hashed for provenance).
 PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def data_dir(name: str) -> Path:
+    """The folder of shipped data ``name`` (``configs`` or ``models``).
+
+    Installed from a wheel: the package data ``ctquant/<name>``; from a source tree: ``<repo>/<name>``.
+    """
+    packaged = importlib.resources.files("ctquant").joinpath(name)
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return PACKAGE_DIR.parent / name
+
+
+#: The folder of configuration files shipped with the project.
+CONFIG_DIR = data_dir("configs")
 #: The folder of shipped model weights.
-MODEL_DIR = Path(__file__).resolve().parent.parent / "models"
+MODEL_DIR = data_dir("models")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -46,11 +66,36 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def unknown_keys(base: dict[str, Any], override: dict[str, Any], prefix: str = "") -> list[tuple[str, list[str]]]:
+    """Keys of ``override`` that ``base`` does not have, as (dotted key, the valid keys at that level)."""
+    found: list[tuple[str, list[str]]] = []
+    for key, value in override.items():
+        dotted = f"{prefix}{key}"
+        if key not in base:
+            found.append((dotted, sorted(base)))
+        elif isinstance(value, dict) and isinstance(base[key], dict):
+            found.extend(unknown_keys(base[key], value, f"{dotted}."))
+    return found
+
+
 def load_quantify_config(path: str | Path | None = None) -> dict[str, Any]:
-    """The shipped ``configs/quantify.yaml``, with the user's file (if any) merged over it."""
+    """The shipped ``configs/quantify.yaml``, with the user's file (if any) merged over it.
+
+    Raises:
+        InputError: the user's file has a key the shipped file does not (a typo would otherwise be
+            ignored silently); the message lists the valid keys at that level.
+    """
     config = load_yaml(CONFIG_DIR / "quantify.yaml")
     if path is not None:
-        config = merge(config, load_yaml(path))
+        override = load_yaml(path)
+        unknown = unknown_keys(config, override)
+        if unknown:
+            key, valid = unknown[0]
+            more = f" (and {len(unknown) - 1} more: {', '.join(k for k, _ in unknown[1:])})" if len(unknown) > 1 else ""
+            parent = key.rpartition(".")[0]
+            raise InputError(f"unknown config key {key!r}{more}; valid keys{' of ' + repr(parent) if parent else ''}: "
+                             f"{', '.join(valid)}", path)
+        config = merge(config, override)
     return config
 
 

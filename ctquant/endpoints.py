@@ -381,9 +381,11 @@ def _rule(endpoint: Endpoint, ch: Mapping[str, Optional[float]], where: str) -> 
     """Apply the reduction rule to one change; (met, sentence saying why)."""
     b, f, d, r = ch["baseline"], ch["follow_up"], ch["abs_change"], ch["rel_change_pct"]
     unit = "point" if endpoint.unit == "points" and _num(abs(d)) == "1" else endpoint.unit
-    head = f"{MEASURE_LABELS[endpoint.measure]}{where} {_num(b)} → {_num(f)}: {_num(d, sign=True)} {unit}"
+    # shown as stored in the comparison table (rounded there first), decided on the exact values
+    head = (f"{MEASURE_LABELS[endpoint.measure]}{where} {_num(b)} → {_num(f)}: "
+            f"{_num(_round(d, ABS_CHANGE_DIGITS), sign=True)} {unit}")
     if r is not None:
-        head += f" ({_num(r, 1, sign=True)} %)"
+        head += f" ({_num(_round(r, REL_CHANGE_DIGITS), 1, sign=True)} %)"
     abs_text, rel_text = _threshold_texts(endpoint)
     decrease = -d
     if decrease <= 0:
@@ -610,6 +612,11 @@ def _round(value: Optional[float], digits: int = 4) -> Optional[float]:
     return None if value is None else round(value, digits)
 
 
+#: Decimals kept for changes in comparison tables (comparison.csv/json); verdict sentences show these
+#: same stored values, so a table and its verdict never round one change two ways.
+ABS_CHANGE_DIGITS, REL_CHANGE_DIGITS = 4, 2
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -720,8 +727,8 @@ def comparison_rows(first: Mapping[str, Any], second: Mapping[str, Any], from_tp
                 "measure": measure, "lung": lung,
                 "from_timepoint": from_tp, "from_value": ch["baseline"],
                 "to_timepoint": to_tp, "to_value": ch["follow_up"],
-                "abs_change": _round(ch["abs_change"]),
-                "rel_change_pct": _round(ch["rel_change_pct"], 2),
+                "abs_change": _round(ch["abs_change"], ABS_CHANGE_DIGITS),
+                "rel_change_pct": _round(ch["rel_change_pct"], REL_CHANGE_DIGITS),
             })
     return rows
 
@@ -785,8 +792,7 @@ def run_compare(
     if mismatch and not allow_mismatch:
         what = "; ".join(f"{m['field']} {m['from']} vs {m['to']}" for m in mismatch)
         raise IncompatibleResults(f"results differ in {what} (use --allow-mismatch to compare anyway)", paths["to"])
-    for m in mismatch:
-        log.warning("comparing results that differ in %s: %s vs %s", m["field"], m["from"], m["to"])
+    # the mismatch is one of the notes below, which `ctquant compare` prints (once)
 
     endpoints = config.for_timepoints(labels["from"], labels["to"])
     if not endpoints:
@@ -807,7 +813,8 @@ def run_compare(
             "subject_id": subject, "endpoint": ep.name, "measure": ep.measure,
             "from_timepoint": ep.from_tp, "to_timepoint": ep.to_tp,
             "from_value": both.get("baseline"), "to_value": both.get("follow_up"),
-            "abs_change": _round(both.get("abs_change")), "rel_change_pct": _round(both.get("rel_change_pct"), 2),
+            "abs_change": _round(both.get("abs_change"), ABS_CHANGE_DIGITS),
+            "rel_change_pct": _round(both.get("rel_change_pct"), REL_CHANGE_DIGITS),
             "evaluable": v.evaluable, "reduction": v.reduction, "verdict": v.label, "reason": v.reason,
             "mismatch": "; ".join(f"{m['field']}" for m in mismatch),
         })

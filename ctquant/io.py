@@ -19,6 +19,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import stat
 import struct
 import sys
@@ -124,6 +125,10 @@ class SeriesInfo:
     kernel: str = ""
     study_date: str = ""
     orientation: tuple[float, ...] | None = None
+    frame_of_reference_uid: str = ""
+    #: True when the files carry no SeriesInstanceUID (an anonymiser blanked it): ``series_uid`` is then
+    #: a key derived from the attributes that identify a series otherwise (see :func:`_uidless_key`).
+    uid_missing: bool = False
     files: list[Path] = field(default_factory=list, repr=False)
     #: Pixel bytes each file declares (Rows × Columns × frames × bytes per sample), parallel to ``files``.
     file_bytes: list[int] = field(default_factory=list, repr=False)
@@ -132,6 +137,12 @@ class SeriesInfo:
     def declared_bytes(self) -> int:
         """Pixel bytes the whole series declares in its headers."""
         return sum(self.file_bytes)
+
+    @property
+    def study_key(self) -> str:
+        """What identifies the series' study: StudyInstanceUID, else its date and frame of reference."""
+        return self.study_uid or f"study of {self.study_date or 'unknown date'}, frame of reference " \
+                                 f"{self.frame_of_reference_uid or 'unknown'}"
 
     @property
     def is_axial(self) -> bool:
@@ -336,9 +347,9 @@ def _scan_folder(root: Path) -> _Folder:
             found.dicomdirs.append(path)
             continue
         uid = str(_tag(ds, "SeriesInstanceUID", "") or "")
-        if not uid:
-            found.skipped[path] = "DICOM file without SeriesInstanceUID"
-            continue
+        uid_missing = not uid
+        if uid_missing:
+            uid = _uidless_key(ds)
         info = groups.get(uid)
         if info is None:
             thickness = _as_float(_tag(ds, "SliceThickness"))
@@ -356,9 +367,11 @@ def _scan_folder(root: Path) -> _Folder:
                 columns=_as_int(_tag(ds, "Columns")),
                 slice_thickness_mm=thickness,
                 pixel_spacing_mm=_as_floats(_tag(ds, "PixelSpacing"), 2),
-                kernel=str(_tag(ds, "ConvolutionKernel", "") or ""),
+                kernel=_text(_tag(ds, "ConvolutionKernel", "")),
                 study_date=str(_tag(ds, "StudyDate", "")),
                 orientation=_frame_orientation(ds),
+                frame_of_reference_uid=str(_tag(ds, "FrameOfReferenceUID", "")),
+                uid_missing=uid_missing,
             )
         info.files.append(path)
         info.file_bytes.append(_declared_bytes(ds))
@@ -370,6 +383,34 @@ def _scan_folder(root: Path) -> _Folder:
     if not found.series:
         _raise_no_series(root, found, paths)
     return found
+
+
+def _text(value: Any) -> str:
+    """Header text; the values of a multi-valued element joined with a backslash (as DICOM stores them)."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return "\\".join(str(v).strip() for v in value)
+    return str(value).strip()
+
+
+def _uidless_key(ds: pydicom.Dataset) -> str:
+    """A stand-in series key for a file without SeriesInstanceUID.
+
+    Files are taken as one series when they share study, series number, frame of reference,
+    orientation, pixel grid, kernel, slice thickness and description; anything mixed beyond that (two
+    reconstructions on one grid) still fails later as duplicate slice positions.
+    """
+    orientation = _frame_orientation(ds)
+    spacing = _as_floats(_tag(ds, "PixelSpacing"), 2)
+    parts = (str(_tag(ds, "StudyInstanceUID", "")), _as_int(_tag(ds, "SeriesNumber")),
+             str(_tag(ds, "FrameOfReferenceUID", "")),
+             tuple(round(v, 3) for v in orientation) if orientation else None,
+             _as_int(_tag(ds, "Rows")), _as_int(_tag(ds, "Columns")),
+             tuple(round(v, 4) for v in spacing) if spacing else None,
+             _text(_tag(ds, "ConvolutionKernel", "")), _as_float(_tag(ds, "SliceThickness")),
+             str(_tag(ds, "SeriesDescription", "")), str(_tag(ds, "Modality", "")).strip())
+    return "no-uid-" + hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
 def _iterable(value: Any) -> bool:
@@ -398,8 +439,6 @@ def _raise_no_series(root: Path, found: _Folder, paths: list[Path]) -> None:
                          root)
     if all(why.startswith("empty file") for why in found.skipped.values()):
         raise InputError(f"only empty files (looked at {len(paths)} file(s))", root)
-    if any(why.startswith("DICOM file without") for why in found.skipped.values()):
-        raise InputError("no DICOM series with a SeriesInstanceUID", root)
     raise InputError(f"no DICOM files found (looked at {len(paths)} file(s))", root)
 
 
@@ -412,16 +451,71 @@ def find_series(root: str | Path) -> list[SeriesInfo]:
     return _scan_folder(Path(root)).series
 
 
-def select_series(series: list[SeriesInfo], series_uid: str | None = None,
-                  root: str | Path | None = None) -> SeriesInfo:
-    """The series to quantify: ``series_uid`` if given, else the axial CT with most slices, thinnest first."""
+KERNEL_RULES = ("smooth", "sharp", "any")
+
+
+def kernel_class(kernel: str, selection: dict[str, Any] | None = None) -> str:
+    """``sharp``, ``smooth`` or ``unknown``: a ConvolutionKernel by the patterns of ``series_selection``.
+
+    Every value of a multi-valued kernel (``Br38f\\3``) is matched, case-insensitive, from its start;
+    a sharp pattern wins over a smooth one.
+    """
+    selection = _selection_rule(selection)
+    values = [v.strip() for v in str(kernel or "").split("\\") if v.strip()]
+    for name in ("sharp", "smooth"):
+        for pattern in selection[f"{name}_kernels"]:
+            if any(re.match(pattern, v, flags=re.IGNORECASE) for v in values):
+                return name
+    return "unknown"
+
+
+def _selection_rule(selection: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``series_selection`` settings (default: those of the shipped ``configs/quantify.yaml``), checked."""
+    if selection is None:
+        from .config import load_quantify_config
+
+        selection = load_quantify_config()["series_selection"]
+    if selection.get("kernel") not in KERNEL_RULES:
+        raise InputError(f"series_selection.kernel must be one of {', '.join(KERNEL_RULES)}, "
+                         f"not {selection.get('kernel')!r}")
+    for name in ("sharp_kernels", "smooth_kernels"):
+        patterns = selection.get(name)
+        if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+            raise InputError(f"series_selection.{name} must be a list of regular expressions")
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise InputError(f"series_selection.{name}: invalid regular expression {pattern!r} ({exc})") from None
+    return selection
+
+
+@dataclass
+class SeriesChoice:
+    """The series to quantify and why it was chosen (printed by ``ctquant series``, kept in measures.json)."""
+
+    info: SeriesInfo
+    reason: str
+    kernel_class: str = "unknown"
+
+
+def choose_series(series: list[SeriesInfo], series_uid: str | None = None, root: str | Path | None = None,
+                  selection: dict[str, Any] | None = None) -> SeriesChoice:
+    """The series to quantify: ``series_uid`` if given, else by the ``series_selection`` rule.
+
+    The rule: among the suitable series (axial CT volumes), most images, then the thinnest slices,
+    then the kernel (``smooth``: the smoothest reconstruction; ``sharp``; ``any``). Suitable series
+    from more than one study are refused (the folder mixes time points or patients): ``--series``
+    must choose. Equal candidates of one study are a warning (the first in series-number order wins).
+    """
+    selection = _selection_rule(selection)
     if series_uid is not None:
         for info in series:
             if info.series_uid == series_uid:
                 reason = info.unsuitable_reason()
                 if reason:
                     raise InputError(f"series {_clean(series_uid)} cannot be quantified: {reason}", root)
-                return info
+                return SeriesChoice(info, "named with --series", kernel_class(info.kernel, selection))
         raise InputError(f"series {_clean(series_uid)} not found among {len(series)} series", root)
     candidates = [s for s in series if s.unsuitable_reason() is None]
     if not candidates:
@@ -430,7 +524,44 @@ def select_series(series: list[SeriesInfo], series_uid: str | None = None,
         if len(series) > 5:
             found += f"; and {len(series) - 5} more"
         raise InputError(f"no axial CT series to quantify (found: {found})", root)
-    return max(candidates, key=lambda s: (s.n_images, -(s.slice_thickness_mm or 99.0)))
+    studies = sorted({s.study_key for s in candidates})
+    if len(studies) > 1:
+        dates = ", ".join(sorted({s.study_date or "no date" for s in candidates}))
+        raise InputError(f"{len(candidates)} CT series from {len(studies)} different studies (dates {dates}): "
+                         "pass one study's folder, or choose the series with --series (see ctquant series)", root)
+    classes = {id(s): kernel_class(s.kernel, selection) for s in candidates}
+    rank = {"smooth": {"smooth": 2, "unknown": 1, "sharp": 0}, "sharp": {"sharp": 2, "unknown": 1, "smooth": 0},
+            "any": {"smooth": 0, "unknown": 0, "sharp": 0}}[selection["kernel"]]
+
+    def geometry(s: SeriesInfo) -> tuple[int, float]:
+        return s.n_images, -(s.slice_thickness_mm or 99.0)
+
+    def key(s: SeriesInfo) -> tuple[int, float, int]:
+        return (*geometry(s), rank[classes[id(s)]])
+
+    best = max(candidates, key=key)  # max keeps the first of equals: series-number order
+    if len(candidates) == 1:
+        return SeriesChoice(best, "the only axial CT series", classes[id(best)])
+    thickness = f"{best.slice_thickness_mm:g} mm" if best.slice_thickness_mm else "unknown thickness"
+    reason = f"most images ({best.n_images}) at the thinnest slices ({thickness}) of {len(candidates)} axial CT series"
+    same_geometry = [s for s in candidates if geometry(s) == geometry(best) and s is not best]
+    if same_geometry:
+        others = ", ".join(f"{_clean(s.kernel, 20) or 'no kernel'} ({classes[id(s)]})" for s in same_geometry)
+        reason += (f"; kernel {_clean(best.kernel, 20) or 'none'} ({classes[id(best)]}) over {others} by "
+                   f"series_selection.kernel = {selection['kernel']}")
+        ties = [s for s in same_geometry if key(s) == key(best)]
+        if ties:
+            reason += f"; {len(ties)} other series as suitable, the first by series number taken"
+            log.warning("%s: %d equally suitable CT series (%s); took series %s: choose with --series",
+                        root, len(ties) + 1, ", ".join(_clean(s.series_uid) for s in [best, *ties]),
+                        _clean(best.series_uid))
+    return SeriesChoice(best, reason, classes[id(best)])
+
+
+def select_series(series: list[SeriesInfo], series_uid: str | None = None,
+                  root: str | Path | None = None, selection: dict[str, Any] | None = None) -> SeriesInfo:
+    """The series :func:`choose_series` chooses (without the reason)."""
+    return choose_series(series, series_uid, root, selection).info
 
 
 # --------------------------------------------------------------------------------------------------
@@ -707,7 +838,9 @@ def _series_meta(info: SeriesInfo, header: pydicom.Dataset, root: Path) -> dict[
     return {
         "format": "dicom",
         "input": str(root),
-        "series_instance_uid": info.series_uid,
+        "series_instance_uid": None if info.uid_missing else info.series_uid,
+        "series_key": info.series_uid,
+        "series_uid_missing": info.uid_missing,
         "study_instance_uid": info.study_uid,
         "frame_of_reference_uid": str(_tag(header, "FrameOfReferenceUID", "")),
         "study_date": info.study_date,
@@ -729,15 +862,19 @@ def _hu_slice(s: _Slice) -> np.ndarray:
     return np.clip(values, -32768, 32767).astype(np.int16)
 
 
-def load_dicom_series(root: str | Path, series_uid: str | None = None) -> Scan:
+def load_dicom_series(root: str | Path, series_uid: str | None = None,
+                      selection: dict[str, Any] | None = None) -> Scan:
     """Load the CT series of a DICOM folder (or the one named) as an HU volume in LPS orientation.
+
+    ``selection``: the ``series_selection`` settings of the quantify config (default: the shipped ones).
 
     Raises:
         InputError, GeometryError, CalibrationError: with the offending file and the reason.
     """
     root = Path(root)
     found = _scan_folder(root)
-    info = select_series(found.series, series_uid, root)
+    choice = choose_series(found.series, series_uid, root, selection)
+    info = choice.info
     for path, nbytes in zip(info.files, info.file_bytes):
         if nbytes > MAX_VOLUME_BYTES:
             raise InputError(f"declared pixel data of {nbytes / 1e9:.1f} GB exceeds the "
@@ -770,12 +907,18 @@ def load_dicom_series(root: str | Path, series_uid: str | None = None) -> Scan:
     except RuntimeError as exc:
         raise GeometryError(f"invalid geometry: {_first_line(exc)}", root) from None
     meta = _series_meta(info, first.header, root)
+    meta["series_choice"] = choice.reason
+    meta["kernel_class"] = choice.kernel_class
     meta["source_files"] = [str(s.path) for s in slices]
     _check_rescale_groups(slices, hu)
     del hu
     scan = _scan_from_image(image, meta, root)
     check_hounsfield(scan.hu, root)
     scan.source_datasets = [s.header for s in slices] if scan.meta["reoriented_from"] is None else []
+    if info.uid_missing:  # said once the series has loaded (an error stays the only line on stderr)
+        log.warning("%s: %d DICOM file(s) without SeriesInstanceUID read as one series (%s), grouped by "
+                    "StudyInstanceUID, SeriesNumber, FrameOfReferenceUID, orientation, pixel grid, kernel "
+                    "and slice thickness", root, len(info.files), info.series_uid)
     return scan
 
 
@@ -964,14 +1107,17 @@ def load_volume_file(path: str | Path) -> Scan:
     return scan
 
 
-def load_scan(path: str | Path, series_uid: str | None = None) -> Scan:
-    """Load a CT scan from a DICOM folder/file or a NIfTI/NRRD/MHA volume file."""
+def load_scan(path: str | Path, series_uid: str | None = None, selection: dict[str, Any] | None = None) -> Scan:
+    """Load a CT scan from a DICOM folder/file or a NIfTI/NRRD/MHA volume file.
+
+    ``selection``: how a series is chosen among several (``series_selection`` of the quantify config).
+    """
     path = Path(path)
     if not path.exists():
         raise InputError("no such file or folder", path)
     if path.is_file() and is_volume_file(path):
         return load_volume_file(path)
-    return load_dicom_series(path, series_uid)
+    return load_dicom_series(path, series_uid, selection)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,14 +30,20 @@ from . import __version__
 from .config import code_sha256, config_hash, file_sha256, load_quantify_config
 from .errors import InputError, OutputError
 from .io import Scan, load_scan, write_label_image
-from .lesions import VESSEL_SETTINGS, segment_lesions_hu
-from .lungs import segment_lungs
-from .quantify import bilateral_flags, flatten, lung_measures, quality_flags
+
+# The lung, lesion and measure steps (scipy, scikit-image) are imported where they run, so that a bad
+# option or output folder is refused without waiting for those imports.
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "ctquant.measures/1"
 METHODS = ("model", "hu")
+SEG_FORMATS = ("nifti", "dicom-seg", "both")
+#: Files a results folder of an older ctquant (one whose measures.json lists no ``files``) may hold.
+LEGACY_OUTPUTS = ("measures.json", "measures.csv", "lungs.nii.gz", "lesions.nii.gz", "segmentation.dcm",
+                  "qc.png", "report.html")
+#: Free space asked for beyond the size estimate of a result (reports, QC picture, CSV), bytes.
+MIN_FREE_BYTES = 16 * 1024**2
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -98,6 +104,10 @@ def analyse_scan(scan: Scan, *, method: str = "model", device: str = "cpu", conf
     """
     if method not in METHODS:
         raise InputError(f"unknown method {method!r} (model or hu)")
+    from .lesions import VESSEL_SETTINGS, segment_lesions_hu
+    from .lungs import segment_lungs
+    from .quantify import bilateral_flags, lung_measures, quality_flags
+
     progress = progress or (lambda stage: None)
     config = config or load_quantify_config()
     timings: dict[str, float] = {}
@@ -146,6 +156,10 @@ def analyse_scan(scan: Scan, *, method: str = "model", device: str = "cpu", conf
             "input": scan.meta.get("input"),
             "input_format": scan.meta.get("format"),
             "series_instance_uid": scan.meta.get("series_instance_uid"),
+            "series_key": scan.meta.get("series_key"),
+            "convolution_kernel": scan.meta.get("convolution_kernel"),
+            "kernel_class": scan.meta.get("kernel_class"),
+            "series_choice": scan.meta.get("series_choice"),
             "study_instance_uid": scan.meta.get("study_instance_uid"),
             "study_date": scan.meta.get("study_date"),
             "spacing_mm": [round(s, 6) for s in scan.spacing_mm],
@@ -160,12 +174,25 @@ def analyse_scan(scan: Scan, *, method: str = "model", device: str = "cpu", conf
     return Segmentation(scan, lung_labels, lesion_labels, measures, timings)
 
 
+def previous_run_files(out_dir: Path) -> set[str]:
+    """Names of the files an older run left in ``out_dir``: those its measures.json lists (older results
+    without the list: the names ctquant writes). Files the user put there are never among them."""
+    try:
+        old = json.loads((out_dir / "measures.json").read_text())
+    except (OSError, ValueError):
+        old = None
+    listed = old.get("files") if isinstance(old, dict) else None
+    names = set(listed) if isinstance(listed, list) and all(isinstance(n, str) for n in listed) else set(LEGACY_OUTPUTS)
+    return {n for n in names if n == Path(n).name and n not in ("", ".", "..") and (out_dir / n).is_file()}
+
+
 @contextmanager
 def atomic_output_dir(out_dir: str | Path) -> Iterator[Path]:
     """A temporary folder beside ``out_dir`` whose files move into ``out_dir`` only on success.
 
     ``measures.json`` moves last, so a folder with it is complete. On any error the temporary folder
-    is removed and ``out_dir`` is left as it was.
+    is removed and ``out_dir`` is left as it was. A folder holds one run: files of an older run that
+    this one does not write (see :func:`previous_run_files`) are removed once the new files are in.
     """
     out_dir = Path(out_dir)
     try:
@@ -176,9 +203,12 @@ def atomic_output_dir(out_dir: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         out_dir.mkdir(parents=True, exist_ok=True)
+        stale = previous_run_files(out_dir)
         (out_dir / "measures.json").unlink(missing_ok=True)  # an older result must not look complete midway
         names = sorted(p.name for p in tmp.iterdir())
         names.sort(key=lambda n: n == "measures.json")
+        for name in sorted(stale - set(names)):
+            (out_dir / name).unlink(missing_ok=True)
         for name in names:
             os.replace(tmp / name, out_dir / name)
     except OSError as exc:
@@ -190,8 +220,9 @@ def atomic_output_dir(out_dir: str | Path) -> Iterator[Path]:
 def write_results(seg: Segmentation, out_dir: str | Path, seg_format: str = "nifti", report: bool = True) -> Path:
     """Write a results folder atomically (see module docstring); ``report``: also ``qc.png`` and
     ``report.html`` (:mod:`ctquant.qc`, :mod:`ctquant.reports`)."""
-    if seg_format not in ("nifti", "dicom-seg", "both"):
-        raise InputError(f"unknown --seg-format {seg_format!r} (nifti, dicom-seg or both)")
+    from .quantify import flatten
+
+    check_seg_format(seg_format)
     out_dir = Path(out_dir)
     with atomic_output_dir(out_dir) as tmp:
         if seg_format in ("nifti", "both"):
@@ -221,6 +252,7 @@ def write_results(seg: Segmentation, out_dir: str | Path, seg_format: str = "nif
             from .reports import write_scan_outputs
 
             write_scan_outputs(seg, tmp)  # qc.png, report.html
+        m["files"] = sorted([p.name for p in tmp.iterdir()] + ["measures.json"])  # the files of this run
         (tmp / "measures.json").write_text(json.dumps(m, indent=2, default=_json_default) + "\n")
     return out_dir
 
@@ -233,27 +265,133 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def check_seg_format(seg_format: str) -> None:
+    """Refuse an unknown ``--seg-format`` (before any work)."""
+    if seg_format not in SEG_FORMATS:
+        raise InputError(f"unknown --seg-format {seg_format!r} ({', '.join(SEG_FORMATS[:-1])} or {SEG_FORMATS[-1]})")
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(out_dir: Path, probe_bytes: int = 1 << 20) -> None:
+    """Refuse an output folder that cannot be written, before any work and without creating it: the
+    folder, or the closest folder above it that exists, must take a file of ``probe_bytes`` (a full
+    disk or a read-only mount fails here)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError("exists and is not a folder", out_dir)
+    where = _nearest_existing(out_dir)
+    if not where.is_dir():
+        raise OutputError(f"cannot write here: {where} is not a folder", out_dir)
+    try:
+        with tempfile.NamedTemporaryFile(prefix=f".{out_dir.name}.probe-", dir=where) as probe:
+            probe.write(b"\0" * probe_bytes)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        raise OutputError(f"cannot write here: {exc.strerror or exc}", out_dir) from None
+
+
+def estimated_result_bytes(scan: Scan, seg_format: str) -> int:
+    """A generous estimate of a result folder's size: DICOM SEG frames are 1 bit per voxel and segment
+    (4 segments), compressed NIfTI labels well under a byte per voxel; plus reports and CSV."""
+    voxels = int(np.prod(scan.hu.shape))
+    seg = voxels * 4 // 8 if seg_format in ("dicom-seg", "both") else 0
+    nifti = voxels // 4 if seg_format in ("nifti", "both") else 0
+    return seg + nifti + MIN_FREE_BYTES
+
+
+def check_free_space(out_dir: Path, needed_bytes: int) -> None:
+    """Refuse an output folder on a disk with less than ``needed_bytes`` free (twice: temporary + final)."""
+    try:
+        free = shutil.disk_usage(_nearest_existing(out_dir)).free
+    except OSError:
+        return  # unknown: the write itself will tell
+    if free < 2 * needed_bytes:
+        raise OutputError(f"not enough free disk space ({free / 1e6:.0f} MB free, about "
+                          f"{2 * needed_bytes / 1e6:.0f} MB needed)", out_dir)
+
+
+def run_identity(scan: Scan, subject_id: str | None) -> dict[str, Any]:
+    """What says which scan a result is of: subject and series (the input file for volumes)."""
+    subject = sanitize_id(subject_id) if subject_id else (scan.meta.get("subject_hash") or None)
+    series = scan.meta.get("series_key") or scan.meta.get("series_instance_uid")
+    return {"subject_id": subject, "series": series,
+            "input": None if series else str(Path(str(scan.meta.get("input"))).resolve())}
+
+
+def check_other_run(out_dir: Path, identity: dict[str, Any]) -> None:
+    """Refuse to write over the result of another subject or series (``--force`` allows it)."""
+    try:
+        old = json.loads((out_dir / "measures.json").read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(old, dict):
+        return
+    prov = old.get("provenance") or {}
+    series = prov.get("series_key") or prov.get("series_instance_uid")
+    old_input = prov.get("input")
+    before = {"subject_id": old.get("subject_id"), "series": series,
+              "input": None if series else (str(Path(str(old_input)).resolve()) if old_input else None)}
+    differs = [what for what in ("subject_id", "series", "input") if before[what] != identity[what]]
+    if differs:
+        names = {"subject_id": "subject", "series": "series", "input": "input"}
+        detail = "; ".join(f"{names[w]} {before[w] or 'none'} there, {identity[w] or 'none'} now" for w in differs)
+        raise OutputError(f"holds the result of another scan ({detail}): choose another --out, or --force to "
+                          "replace it", out_dir)
+
+
+def _check_seg_source(scan: Scan, seg_format: str) -> None:
+    """DICOM SEG needs a DICOM source with its UIDs: refuse before segmenting."""
+    if seg_format == "nifti":
+        return
+    from .dicomseg import check_source
+
+    if scan.meta.get("series_uid_missing") or any(
+            not str(getattr(ds, "SOPInstanceUID", "") or "").strip() for ds in scan.source_datasets):
+        raise InputError("DICOM SEG needs the source's SeriesInstanceUID and SOPInstanceUIDs, which this series "
+                         "lacks; use --seg-format nifti", scan.meta.get("input"))
+    check_source(scan)
+
+
 def quantify_to_dir(input_path: str | Path, out_dir: str | Path, *, method: str = "model", device: str = "auto",
                     subject_id: str | None = None, timepoint: str | None = None,
                     config_path: str | Path | None = None, series_uid: str | None = None,
                     seg_format: str = "nifti", model: Any = None,
                     extra_provenance: dict[str, Any] | None = None,
-                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                    progress: Callable[[str], None] | None = None,
+                    refuse_other_run: bool = False) -> dict[str, Any]:
     """Load ``input_path``, quantify it and write ``out_dir``; returns the measures dict.
 
+    Options, the config and the output folder are checked before the scan is read, free space and
+    the DICOM SEG source right after (before the long segmentation). ``refuse_other_run``: refuse an
+    ``out_dir`` holding the result of another subject or series (``ctquant quantify`` without
+    ``--force``); either way files of an older run that this run does not write are removed.
     ``extra_provenance`` (e.g. the batch runner's input fingerprint) is merged into ``provenance``;
     ``progress`` is called with each stage's name as it starts.
     """
     progress = progress or (lambda stage: None)
+    out_dir = Path(out_dir)
     config = load_quantify_config(config_path)
     if device not in ("auto", "cpu", "cuda"):
         resolve_device(device)  # a bad --device is refused before a long load
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise OutputError("exists and is not a folder", out_dir)
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r} (model or hu)")
+    check_seg_format(seg_format)
+    check_writable(out_dir)
     progress("reading the scan")
     t0 = time.perf_counter()
-    scan = load_scan(input_path, series_uid)
+    scan = load_scan(input_path, series_uid, config.get("series_selection"))
     load_s = time.perf_counter() - t0
+    _check_seg_source(scan, seg_format)
+    if refuse_other_run:
+        check_other_run(out_dir, run_identity(scan, subject_id))
+    check_free_space(out_dir, estimated_result_bytes(scan, seg_format))
     device = resolve_device(device)  # imports torch: only once the input is known to load
     seg = analyse_scan(scan, method=method, device=device, config=config, model=model,
                        subject_id=subject_id, timepoint=timepoint, progress=progress)

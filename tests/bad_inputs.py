@@ -408,12 +408,16 @@ def rgb_ct(root: Path):
     return folder, paths[0]
 
 
-@case(3, "no DICOM series with a SeriesInstanceUID", "DICOM files without SeriesInstanceUID")
+@case(4, "duplicate slice position", "two series without SeriesInstanceUID that nothing else tells apart")
 def no_series_uid(root: Path):
-    folder, paths = _study(root)
+    # Files without SeriesInstanceUID are grouped by study, series number, frame of reference and grid;
+    # two series alike in all of these are one "series" with every position twice: refused.
+    folder = root / "study"
+    paths = write_series(folder / "a", tag="a", series_description="Thorax")
+    paths += write_series(folder / "b", tag="b", series_description="Thorax")
     for path in paths:
         edit(path, lambda ds: delattr(ds, "SeriesInstanceUID"))
-    return folder, folder
+    return folder, folder / "b" / paths[0].name
 
 
 # -- slices that do not form a regular volume (exit 4) -----------------------------------------------
