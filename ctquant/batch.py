@@ -237,8 +237,9 @@ def duplicate_scans_before(rows: Sequence[ManifestRow], fingerprints: Mapping[tu
                            result_uids: Mapping[tuple[str, str], Optional[str]]) -> list[str]:
     """The same scan under two subject/time points, as far as is known before quantifying: same
     input path, same files (fingerprint), same manifest ``series_uid``, same series of a current result."""
+    empty = hashlib.sha256().hexdigest()[:32]  # a folder without files is no scan to compare
     return (same_scans({r.key: r.input for r in rows}, "input")
-            + same_scans(fingerprints, "input files (names, sizes, times)")
+            + same_scans({k: v for k, v in fingerprints.items() if v != empty}, "input files (names, sizes, times)")
             + same_scans({r.key: r.series_uid for r in rows}, "manifest series_uid")
             + same_scans(result_uids, "SeriesInstanceUID"))
 

@@ -354,8 +354,10 @@ def cohort_context(results_dir: str | Path, *, embed_qc: bool = True) -> dict[st
         qc = path.parent / "qc.png"
         scans.append(scan_context(measures, qc if embed_qc and qc.is_file() else None, jpeg=True,
                                   relpath=str(path.parent.relative_to(root)) or ".", anchor=anchor))
-    # Endpoint outputs: in the folder itself (``ctquant endpoints``) or its ``endpoints/`` (``ctquant batch``).
-    places = [root] + ([root / "endpoints"] if (root / "endpoints").is_dir() else [])
+    # Endpoint outputs: in the folder itself (a report folder) or its ``endpoints/`` (``ctquant batch`` and
+    # ``ctquant endpoints``); when both hold a report, the top one is an older ctquant's copy: not shown twice.
+    sub = root / "endpoints"
+    places = [sub] if (sub / "endpoints.csv").is_file() else [root] + ([sub] if sub.is_dir() else [])
     try:
         from .endpoints import SUBJECT_COLUMNS
     except ImportError:  # pragma: no cover - the endpoints module ships with ctquant

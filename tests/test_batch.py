@@ -173,6 +173,10 @@ def test_broken_scans_are_recorded_and_the_batch_goes_on(scans, tmp_path):
     assert table.loc[0, "both_lung_volume_ml"] > 1000 and table.loc[1:, "both_lung_volume_ml"].isna().all()
     good = out / "scans" / "P1" / "baseline"
     assert json.loads((good / "measures.json").read_text())["provenance"]["input_fingerprint"]
+    assert json.loads((good / "measures.json").read_text())["provenance"]["input"] == "P1_baseline"  # name, not path
+    shown = [p.name for p in out.rglob("*") if p.is_file() and p.suffix in (".csv", ".json", ".html")
+             and str(tmp_path / "bad") in p.read_text(errors="replace")]
+    assert shown == ["inputs.csv"]  # input paths (identifying) in one documented place
     assert {p.name for p in (out / "scans").iterdir()} == {"P1"}  # failed scans leave no folders
     assert sorted(p.name for p in bad.rglob("*")) == before  # inputs untouched
     assert not (out / ".batch.lock").exists()
