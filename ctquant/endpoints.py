@@ -631,14 +631,15 @@ def _new_figure(width: float, height: float):
 
 
 def _title(text: str, width_in: float, fontsize: float) -> str:
-    """``text`` wrapped to the figure's width (about 0.55 em per character), so it is never clipped."""
+    """``text`` wrapped to ``width_in`` inches (DejaVu Sans averages about 0.6 em per character, a
+    margin kept), so that titles and axis labels are never clipped."""
     import textwrap
 
-    per_line = max(20, int(width_in * 72 / (0.55 * fontsize)))
+    per_line = max(20, int(0.9 * width_in * 72 / (0.6 * fontsize)))
     return "\n".join(textwrap.wrap(text, per_line))
 
 
-def plot_trajectories(rows: Sequence[Mapping[str, Any]], endpoint: Endpoint, path: Path, group: str = "") -> None:
+def plot_trajectories(rows: Sequence[Mapping[str, Any]], endpoint: Endpoint, path: Path, group: str = "") -> Any:
     """Per-participant lines of the endpoint measure (both lungs) from ``from`` to ``to``
     (``group``: named in the title, e.g. ``arm=active``)."""
     from matplotlib.lines import Line2D
@@ -670,7 +671,7 @@ def plot_trajectories(rows: Sequence[Mapping[str, Any]], endpoint: Endpoint, pat
     ax.set_xticks([0, 1], [endpoint.from_tp, endpoint.to_tp])
     ax.set_xlim(-0.15, 1.35)
     ax.set_ylim(bottom=0)
-    ax.set_ylabel(f"{MEASURE_LABELS[endpoint.measure]} (both lungs)")
+    ax.set_ylabel(_title(f"{MEASURE_LABELS[endpoint.measure]} (both lungs)", 3.6, 10))
     ev = [r for r in rows if r["evaluable"]]
     k = sum(1 for r in ev if r["reduction"])
     where = f" ({group})" if group else ""
@@ -679,9 +680,10 @@ def plot_trajectories(rows: Sequence[Mapping[str, Any]], endpoint: Endpoint, pat
     ax.legend(handles=[Line2D([], [], color=c, marker="o", ls=":" if v == "not evaluable" else "-", label=v)
                        for v, c in _COLOURS.items()], fontsize=8, loc="upper right")
     fig.savefig(path, format="png")
+    return fig
 
 
-def plot_waterfall(rows: Sequence[Mapping[str, Any]], endpoint: Endpoint, path: Path, group: str = "") -> None:
+def plot_waterfall(rows: Sequence[Mapping[str, Any]], endpoint: Endpoint, path: Path, group: str = "") -> Any:
     """Sorted bars of each evaluable participant's change (relative and absolute), thresholds marked
     (``group``: named in the title)."""
     ev = [r for r in rows if r["evaluable"]]
@@ -714,6 +716,7 @@ def plot_waterfall(rows: Sequence[Mapping[str, Any]], endpoint: Endpoint, path: 
     axes[0].set_title(_title(f"{endpoint.name}{where}: {MEASURE_LABELS[endpoint.measure]}, {endpoint.from_tp} → "
                              f"{endpoint.to_tp} ({rule}); {k}/{len(ev)} with reduction", width_in, 9), fontsize=9)
     fig.savefig(path, format="png")
+    return fig
 
 
 # --------------------------------------------------------------------------------------------------
