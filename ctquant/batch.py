@@ -7,11 +7,27 @@ manifest's folder. Everything is written under the output folder ``DIR``::
     DIR/scans/<subject>/<timepoint>/   one results folder per scan (see ctquant.pipeline), named from
                                        the sanitized manifest IDs only
     DIR/cohort.csv                     one row per manifest row: status ok / skipped / failed,
-                                       the flattened measures (as in measures.csv), extra columns
-    DIR/failures.csv                   subject, time point, input, exit code, category, one-line reason
+                                       the flattened measures (as in measures.csv), extra columns,
+                                       manifest line, results folder relative to DIR
+    DIR/failures.csv                   subject, time point, manifest line, exit code, category, reason
+    DIR/inputs.csv                     subject, time point, manifest line, input path, series UID:
+                                       the ONE output naming the inputs' paths (identifying: folder
+                                       names often carry patient names; do not share it)
     DIR/failures.log                   tracebacks of internal errors (bugs), when there were any
     DIR/batch.json                     settings, counts and provenance of the last run
     DIR/endpoints/                     the cohort endpoint report, when a subject has >= 2 time points
+                                       (``group_by``: per group as well)
+
+IDs are written everywhere as the folders spell them (:func:`ctquant.pipeline.sanitize_id`).
+
+**Checks before work.** Time points that no endpoint uses are warned about (with the endpoint's
+spelling when only spaces, case or punctuation differ); the same scan under two subject/time points
+(same input, same files, same manifest ``series_uid``, same series as a current result) is refused
+unless ``allow_duplicates``; after quantifying, so is a SeriesInstanceUID found twice.
+
+**Interruption.** Ctrl-C (SIGINT) cancels the queued scans, terminates the workers of the running
+ones, removes their temporary folders and raises :class:`~ctquant.errors.Interrupted` (exit code
+130); later SIGINTs are ignored while this happens. Finished results stay; a re-run resumes.
 
 **Resuming.** A scan is skipped when its ``measures.json`` (written last, atomically, by the pipeline)
 exists and is current: same input fingerprint (relative paths, sizes and mtimes of the input's
