@@ -601,7 +601,8 @@ def _provenance(inputs: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
 
 def analyse_continuous(wide: pd.DataFrame, measure: str, *, units: str = "", plot_dir: Path | None = None,
                        files: list[str] | None = None) -> dict[str, Any]:
-    """ICC over all readers plus, per reader pair, Bland–Altman (a − b), Pearson/Spearman and a PNG.
+    """ICC over all readers plus, per reader pair, that pair's own ICC, Bland–Altman (a − b),
+    Pearson/Spearman and a PNG.
 
     ``wide``: index case id, one numeric column per reader (NaN = not rated).
     """
@@ -610,7 +611,8 @@ def analyse_continuous(wide: pd.DataFrame, measure: str, *, units: str = "", plo
                            "icc": icc(wide), "pairs": {}}
     for a, b in pairs_of(readers):
         x, y = wide[a].to_numpy(float), wide[b].to_numpy(float)
-        entry = {"reader_a": a, "reader_b": b, "bland_altman": bland_altman(x, y), "correlation": correlation(x, y)}
+        entry = {"reader_a": a, "reader_b": b, "icc": icc(wide[[a, b]]), "bland_altman": bland_altman(x, y),
+                 "correlation": correlation(x, y)}
         ok = np.isfinite(x) & np.isfinite(y)
         if plot_dir is not None and ok.any():
             name = f"bland_altman_{_safe(measure)}_{_safe(a)}_vs_{_safe(b)}.png"
@@ -1061,7 +1063,8 @@ def run_table_agreement(
                     rows.append({"measure": measure, "type": "continuous", "reader_a": pair["reader_a"],
                                  "reader_b": pair["reader_b"], "n": ba["n"], "bias": ba["bias"],
                                  "sd_diff": ba["sd_diff"], "loa_lower": ba["loa_lower"], "loa_upper": ba["loa_upper"],
-                                 "pearson_r": cor["pearson_r"], "spearman_rho": cor["spearman_rho"]})
+                                 "pearson_r": cor["pearson_r"], "spearman_rho": cor["spearman_rho"],
+                                 "icc2_1": pair["icc"]["icc2_1"]["value"], "icc3_1": pair["icc"]["icc3_1"]["value"]})
                 rows.append({"measure": measure, "type": "continuous", "reader_a": "(all)", "reader_b": "",
                              "n": res["icc"]["n_cases"], "icc2_1": res["icc"]["icc2_1"]["value"],
                              "icc3_1": res["icc"]["icc3_1"]["value"]})
@@ -1118,35 +1121,49 @@ def print_summary(report: Report, console: Any = None) -> None:
             table.add_column(col, justify="left" if col in ("label", "pair") else "right")
         for cls, lab in s["labels"].items():
             for key, pair in lab["pairs"].items():
-                ba = lab["volume_ml"]["pairs"].get(key, {}).get("bland_altman", {})
+                vol = lab["volume_ml"]["pairs"].get(key, {})
+                ba = vol.get("bland_altman", {})
                 table.add_row(cls, key, str(pair["n_cases"]), _fmt(pair["dice"]["mean"]),
                               _fmt(pair["dice"]["median"]), _fmt(pair["hd95_mm"]["median"]),
                               _fmt(pair["assd_mm"]["median"]),
                               f"{_fmt(ba.get('bias'))} [{_fmt(ba.get('loa_lower'))}, {_fmt(ba.get('loa_upper'))}]",
-                              _fmt_icc(lab["volume_ml"]["icc"].get("icc2_1")))
+                              _fmt_icc((vol.get("icc") or {}).get("icc2_1")))
+            if len(lab["pairs"]) > 1:  # the all-readers ICC, labelled as such
+                everyone = lab["volume_ml"]["icc"]
+                table.add_row(cls, f"all {everyone.get('n_readers', '')} readers", str(everyone.get("n_cases", "")),
+                              "", "", "", "", "", _fmt_icc(everyone.get("icc2_1")))
     else:
         table = Table(title=f"Reader agreement: readers {', '.join(s['readers'])}")
-        for col in ("measure", "type", "pair", "n", "agreement", "ICC(2,1) / Fleiss κ"):
+        for col in ("measure", "type", "pair", "n", "agreement", "ICC(2,1) [CI] / κ"):
             table.add_column(col, justify="left" if col in ("measure", "type", "pair") else "right")
         for name, res in s["measures"].items():
             kind = res.get("type", "")
             if kind == "skipped":
                 table.add_row(name, kind, "", "0", "–", "–")
                 continue
-            overall = (_fmt_icc(res["icc"].get("icc2_1")) if kind == "continuous"
-                       else _fmt((res.get("fleiss") or {}).get("kappa")))
             for key, pair in res["pairs"].items():
                 if kind == "continuous":
                     ba = pair["bland_altman"]
                     text = f"bias {_fmt(ba['bias'])} [{_fmt(ba['loa_lower'])}, {_fmt(ba['loa_upper'])}]"
                     n = ba["n"]
+                    own = _fmt_icc((pair.get("icc") or {}).get("icc2_1"))
                 else:
                     text = f"κ {_fmt(pair['kappa']['value'], 2)}, {_fmt(pair['pct_agreement'], 3)}% agree"
                     if kind == "ordinal":
                         text += (f", κw lin {_fmt(pair['kappa_linear']['value'], 2)}"
                                  f" quad {_fmt(pair['kappa_quadratic']['value'], 2)}")
                     n = pair["n"]
-                table.add_row(name, kind, key, str(n), text, overall)
+                    own = f"κ {_fmt(pair['kappa']['value'], 2)}"
+                table.add_row(name, kind, key, str(n), text, own)
+            if len(res["pairs"]) > 1:  # the all-readers statistic, labelled as such
+                if kind == "continuous":
+                    everyone = res["icc"]
+                    table.add_row(name, kind, f"all {everyone.get('n_readers', '')} readers",
+                                  str(everyone.get("n_cases", "")), "", _fmt_icc(everyone.get("icc2_1")))
+                elif res.get("fleiss"):
+                    table.add_row(name, kind, f"all {len(s['readers'])} readers (Fleiss κ)",
+                                  str(res["fleiss"]["n"]), f"{_fmt(res['fleiss']['pct_pairwise_agreement'], 3)}% agree",
+                                  _fmt(res["fleiss"]["kappa"]))
     console.print(table)
     console.print(f"Outputs in {report.out_dir}: {', '.join(report.files[:4])}"
                   + (f" and {len(report.files) - 4} more" if len(report.files) > 4 else ""))

@@ -7,11 +7,27 @@ manifest's folder. Everything is written under the output folder ``DIR``::
     DIR/scans/<subject>/<timepoint>/   one results folder per scan (see ctquant.pipeline), named from
                                        the sanitized manifest IDs only
     DIR/cohort.csv                     one row per manifest row: status ok / skipped / failed,
-                                       the flattened measures (as in measures.csv), extra columns
-    DIR/failures.csv                   subject, time point, input, exit code, category, one-line reason
+                                       the flattened measures (as in measures.csv), extra columns,
+                                       manifest line, results folder relative to DIR
+    DIR/failures.csv                   subject, time point, manifest line, exit code, category, reason
+    DIR/inputs.csv                     subject, time point, manifest line, input path, series UID:
+                                       the ONE output naming the inputs' paths (identifying: folder
+                                       names often carry patient names; do not share it)
     DIR/failures.log                   tracebacks of internal errors (bugs), when there were any
     DIR/batch.json                     settings, counts and provenance of the last run
     DIR/endpoints/                     the cohort endpoint report, when a subject has >= 2 time points
+                                       (``group_by``: per group as well)
+
+IDs are written everywhere as the folders spell them (:func:`ctquant.pipeline.sanitize_id`).
+
+**Checks before work.** Time points that no endpoint uses are warned about (with the endpoint's
+spelling when only spaces, case or punctuation differ); the same scan under two subject/time points
+(same input, same files, same manifest ``series_uid``, same series as a current result) is refused
+unless ``allow_duplicates``; after quantifying, so is a SeriesInstanceUID found twice.
+
+**Interruption.** Ctrl-C (SIGINT) cancels the queued scans, terminates the workers of the running
+ones, removes their temporary folders and raises :class:`~ctquant.errors.Interrupted` (exit code
+130); later SIGINTs are ignored while this happens. Finished results stay; a re-run resumes.
 
 **Resuming.** A scan is skipped when its ``measures.json`` (written last, atomically, by the pipeline)
 exists and is current: same input fingerprint (relative paths, sizes and mtimes of the input's
@@ -58,7 +74,9 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -66,6 +84,7 @@ import time
 import traceback
 import uuid
 from collections import Counter
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, replace
@@ -74,7 +93,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequenc
 
 from . import __version__
 from .config import code_sha256, config_hash, file_sha256, load_quantify_config
-from .errors import CtquantError, InputError, ModelError, OutputError
+from .errors import CtquantError, InputError, Interrupted, ModelError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +104,9 @@ SERIES_COLUMN = "series_uid"
 STATUSES = ("ok", "skipped", "failed")
 SEG_FILES = {"nifti": ("lungs.nii.gz", "lesions.nii.gz"), "dicom-seg": ("segmentation.dcm", "measurements.dcm"),
              "both": ("lungs.nii.gz", "lesions.nii.gz", "segmentation.dcm", "measurements.dcm")}
-FAILURE_COLUMNS = ["subject_id", "timepoint", "input", "exit_code", "category", "reason"]
+FAILURE_COLUMNS = ["subject_id", "timepoint", "manifest_line", "exit_code", "category", "reason"]
+#: ``DIR/inputs.csv``: the only batch output that names the inputs' paths (identifying).
+INPUT_COLUMNS = ["subject_id", "timepoint", "manifest_line", "input", "series_uid"]
 LOCK_NAME = ".batch.lock"
 
 
@@ -190,6 +211,61 @@ def manifest_has_follow_up(rows: Sequence[ManifestRow]) -> bool:
     return any(n >= 2 for n in per_subject.values())
 
 
+def _squash(label: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", label.lower())
+
+
+def _folder_spelling(label: str) -> Optional[str]:
+    try:
+        return _sanitize(label)
+    except InputError:
+        return None
+
+
+def timepoint_warnings(rows: Sequence[ManifestRow], endpoint_timepoints: Sequence[str]) -> list[str]:
+    """Warnings about the manifest's time points: one that no endpoint uses (with the endpoint time
+    point it probably means, e.g. ``day 14`` for ``day14``), and one spelt differently in folders."""
+    wanted = {_folder_spelling(tp): tp for tp in endpoint_timepoints if _folder_spelling(tp)}
+    out = []
+    for label in dict.fromkeys(r.timepoint for r in rows):
+        key = _sanitize(label)
+        if key != label:
+            out.append(f"manifest time point {label!r} is written {key!r} in folders and tables")
+        if wanted and key not in wanted:
+            guess = [tp for tp in wanted.values() if _squash(tp) == _squash(label)]
+            hint = f"; did you mean {guess[0]!r}?" if guess else ""
+            out.append(f"manifest time point {label!r} is used by no endpoint (they use "
+                       f"{', '.join(sorted(wanted.values()))}){hint}")
+    return out
+
+
+def same_scans(values: Mapping[tuple[str, str], Optional[str]], what: str) -> list[str]:
+    """One message per ``what`` (input folder, series UID, ...) shared by two subject/time points."""
+    by_value: dict[str, list[tuple[str, str]]] = {}
+    for key, value in values.items():
+        if value:
+            by_value.setdefault(value, []).append(key)
+    return [f"the same {what} is listed as {' and '.join(f'{s}/{t}' for s, t in keys)}"
+            for keys in by_value.values() if len(keys) > 1]
+
+
+def duplicate_scans_before(rows: Sequence[ManifestRow], fingerprints: Mapping[tuple[str, str], Optional[str]],
+                           result_uids: Mapping[tuple[str, str], Optional[str]]) -> list[str]:
+    """The same scan under two subject/time points, as far as is known before quantifying: same
+    input path, same files (fingerprint), same manifest ``series_uid``, same series of a current result."""
+    empty = hashlib.sha256().hexdigest()[:32]  # a folder without files is no scan to compare
+    return (same_scans({r.key: r.input for r in rows}, "input")
+            + same_scans({k: v for k, v in fingerprints.items() if v != empty}, "input files (names, sizes, times)")
+            + same_scans({r.key: r.series_uid for r in rows}, "manifest series_uid")
+            + same_scans(result_uids, "SeriesInstanceUID"))
+
+
+def result_series_uids(records: Mapping[tuple[str, str], "ScanRecord"]) -> dict[tuple[str, str], Optional[str]]:
+    """The SeriesInstanceUID each result was made from."""
+    return {key: (r.measures or {}).get("provenance", {}).get("series_instance_uid")
+            for key, r in records.items() if r.measures}
+
+
 # --------------------------------------------------------------------------------------------------
 # Fingerprints and planning
 
@@ -274,6 +350,7 @@ class ScanTask:
     settings: BatchSettings
     series_uid: Optional[str] = None
     fingerprint: Optional[str] = None
+    line: Optional[int] = None
 
 
 @dataclass
@@ -291,6 +368,7 @@ class ScanRecord:
     reason: str = ""
     measures: Optional[dict[str, Any]] = None
     traceback: Optional[str] = None
+    line: Optional[int] = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -298,8 +376,8 @@ class ScanRecord:
         return _sanitize(self.subject_id), _sanitize(self.timepoint)
 
     def failure_row(self) -> dict[str, Any]:
-        """This record as a ``failures.csv`` row."""
-        return {"subject_id": self.subject_id, "timepoint": self.timepoint, "input": self.input,
+        """This record as a ``failures.csv`` row (the manifest line, not the input's path)."""
+        return {"subject_id": self.subject_id, "timepoint": self.timepoint, "manifest_line": self.line,
                 "exit_code": self.exit_code, "category": self.category, "reason": self.reason}
 
 
@@ -374,14 +452,13 @@ def plan(rows: Sequence[ManifestRow], out_dir: str | Path, settings: BatchSettin
         current, why = result_is_current(target, settings, fingerprint, row.key, row.series_uid)
         if current and not force:
             measures = json.loads((target / "measures.json").read_text())
-            skipped.append(ScanRecord(row.subject_id, row.timepoint, row.input, str(target), "skipped",
-                                      measures=measures))
+            skipped.append(ScanRecord(*row.key, row.input, str(target), "skipped", measures=measures,
+                                      line=row.line))
             continue
         if not current and fingerprint is not None and (target / "measures.json").is_file():
             log.info("%s/%s: outdated result (%s), recomputing", row.subject_id, row.timepoint, why)
             (target / "measures.json").unlink()
-        todo.append(ScanTask(row.subject_id, row.timepoint, row.input, str(target), settings,
-                             row.series_uid, fingerprint))
+        todo.append(ScanTask(*row.key, row.input, str(target), settings, row.series_uid, fingerprint, row.line))
     return todo, skipped
 
 
@@ -453,7 +530,8 @@ def run_one(task: ScanTask) -> ScanRecord:
     """
     t0 = time.perf_counter()
     s = task.settings
-    base = dict(subject_id=task.subject_id, timepoint=task.timepoint, input=task.input, output_dir=task.output_dir)
+    base = dict(subject_id=task.subject_id, timepoint=task.timepoint, input=task.input, output_dir=task.output_dir,
+                line=task.line)
     try:
         set_threads(s.torch_threads)
         if not task.input:
@@ -468,7 +546,8 @@ def run_one(task: ScanTask) -> ScanRecord:
             extra_provenance={"input_fingerprint": task.fingerprint})
         return ScanRecord(**base, status="ok", seconds=time.perf_counter() - t0, measures=measures)
     except CtquantError as exc:
-        where = f"{exc.path}: " if exc.path and os.path.normpath(exc.path) != task.input else ""
+        shown = _path_in_input(exc.path, task.input) if exc.path else ""
+        where = f"{shown}: " if shown else ""
         return ScanRecord(**base, status="failed", seconds=time.perf_counter() - t0, exit_code=exc.exit_code,
                           category=type(exc).__name__, reason=_one_line(where + exc.reason))
     except Exception as exc:  # a bug: isolate it, keep the traceback for failures.log
@@ -478,11 +557,22 @@ def run_one(task: ScanTask) -> ScanRecord:
                           traceback=traceback.format_exc())
 
 
+def _path_in_input(path: str, input_path: str) -> str:
+    """``path`` as a failure reason shows it: relative to the scan's input (whose own path is
+    identifying and kept in ``inputs.csv`` only); ``""`` for the input itself."""
+    path, root = os.path.normpath(path), os.path.normpath(input_path) if input_path else ""
+    if not root or path == root:
+        return ""
+    if path.startswith(root + os.sep):
+        return os.path.relpath(path, root)
+    return path if not os.path.isabs(path) else os.path.basename(path)
+
+
 def lost_record(task: ScanTask, exc: BaseException | str) -> ScanRecord:
     """A failed record for a task whose worker died or whose result could not be returned."""
     text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return ScanRecord(task.subject_id, task.timepoint, task.input, task.output_dir, "failed", exit_code=1,
-                      category="WorkerLost", reason=_one_line(f"worker failed: {text}"))
+                      category="WorkerLost", reason=_one_line(f"worker failed: {text}"), line=task.line)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -518,6 +608,7 @@ _STARTED: list[Any] = []  # in pool workers: the queue that announces each task 
 def _init_worker(settings: BatchSettings, started: Any = None) -> None:
     """Process-pool initializer: limit threads, quiet warnings, load the model once (errors deferred)."""
     _STARTED[:] = [started]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
     set_threads(settings.torch_threads)
     logging.getLogger("ctquant").setLevel(logging.ERROR)
     if settings.method == "model" and settings.model_path:
@@ -585,7 +676,12 @@ class ProcessExecutor:
 
     def _round(self, tasks: list[ScanTask], workers: int, broken: list[ScanTask], suspects: list[ScanTask],
                last_try: bool = False) -> Iterator[ScanRecord]:
-        """Run ``tasks`` in one pool; on a crash, sort the unfinished into started (suspects) and not."""
+        """Run ``tasks`` in one pool; on a crash, sort the unfinished into started (suspects) and not.
+
+        When the caller stops early (Ctrl-C, or the generator is closed) the queued scans are
+        cancelled and the running ones' worker processes are terminated before this returns.
+        """
+        start_forkserver(self._context)
         started = self._context.SimpleQueue()
         pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=self._context,
                                    initializer=_init_worker, initargs=(tasks[0].settings, started))
@@ -606,6 +702,9 @@ class ProcessExecutor:
                     record = lost_record(tasks[index], exc)
                 yield record
             clean = True
+        except BaseException:  # KeyboardInterrupt, GeneratorExit: no scan may go on behind our back
+            terminate_pool(pool)
+            raise
         finally:
             pool.shutdown(wait=clean, cancel_futures=True)
         if crashed:
@@ -617,6 +716,77 @@ class ProcessExecutor:
             log.warning("a worker process died; re-running %d scan(s) that were running, one at a time",
                         len([i for i in crashed if i in began]))
         started.close()
+
+
+def start_forkserver(context: Any) -> None:
+    """Start the forkserver (once per process) with this process's import path, not the cwd.
+
+    Python's forkserver runs ``python -c`` in the current folder and (before 3.12) ignores the
+    path it is given, so a folder named ``ctquant`` there (the parent of a clone) shadows an editable
+    install in every worker: they die with "cannot import name '__version__'". ``PYTHONSAFEPATH``
+    keeps the cwd off the path and ``PYTHONPATH`` hands over this process's path (``''`` as the cwd
+    it stands for). On Python 3.10, which has no ``PYTHONSAFEPATH``, the package's own parent
+    folder goes first instead (a regular package there wins over a namespace folder).
+    """
+    if context.get_start_method() != "forkserver":
+        return
+    from multiprocessing import forkserver
+
+    path = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
+    if sys.version_info < (3, 11):  # pragma: no cover - no PYTHONSAFEPATH
+        path.insert(0, str(Path(__file__).resolve().parents[1]))
+    with _environment(PYTHONSAFEPATH="1", PYTHONPATH=os.pathsep.join(dict.fromkeys(path))):
+        forkserver.ensure_running()
+
+
+@contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the processes started inside the block."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def terminate_pool(pool: ProcessPoolExecutor, timeout_s: float = 5.0) -> None:
+    """Cancel a pool's queued tasks and end its worker processes (SIGTERM, then SIGKILL)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+    deadline = time.monotonic() + timeout_s
+    for proc in processes:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():  # pragma: no cover - a worker stuck in uninterruptible I/O
+            proc.kill()
+            proc.join(1.0)
+
+
+@contextmanager
+def sigint_once() -> Iterator[None]:
+    """Within the block the first Ctrl-C (SIGINT) raises :class:`KeyboardInterrupt` and later ones
+    are ignored, so that cleaning up is not itself interrupted; the old handler is back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def first(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def _import_distributed():
@@ -802,9 +972,13 @@ def _measures_csv_row(result_dir: str | Path) -> dict[str, str]:
 
 
 def cohort_rows(rows: Sequence[ManifestRow], records: Mapping[tuple[str, str], ScanRecord],
-                extras: Sequence[str]) -> tuple[list[dict[str, Any]], list[str]]:
-    """``cohort.csv`` rows (manifest order) and columns: IDs, status, measures.csv's columns, extras."""
-    tail = ["input", "output_dir", "seconds", "exit_code", "category", "reason"]
+                extras: Sequence[str], out_dir: str | Path | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """``cohort.csv`` rows (manifest order) and columns: IDs (as the folders spell them), status,
+    measures.csv's columns, extras, the results folder (relative to ``out_dir``) and the manifest line.
+
+    The inputs' paths are not in it (they often carry patient names): see :func:`input_rows`.
+    """
+    tail = ["manifest_line", "output_dir", "seconds", "exit_code", "category", "reason"]
     measure_cols: list[str] = []
     per_row = []
     for row in rows:
@@ -815,13 +989,27 @@ def cohort_rows(rows: Sequence[ManifestRow], records: Mapping[tuple[str, str], S
         per_row.append((row, rec, measures))
     taken = {"subject_id", "timepoint", "status", *measure_cols, *tail}
     names = {c: f"manifest_{c}" if c in taken else c for c in extras}
-    out = [{"subject_id": row.subject_id, "timepoint": row.timepoint, "status": rec.status, **measures,
-            **{names[c]: v for c, v in row.extra.items()}, "input": row.input, "output_dir": rec.output_dir,
+    out = [{"subject_id": row.key[0], "timepoint": row.key[1], "status": rec.status, **measures,
+            **{names[c]: v for c, v in row.extra.items()}, "manifest_line": row.line,
+            "output_dir": _relative(rec.output_dir, out_dir),
             "seconds": round(rec.seconds, 2) if rec.seconds is not None else None,
             "exit_code": rec.exit_code if rec.status == "failed" else None,
             "category": rec.category, "reason": rec.reason} for row, rec, measures in per_row]
     columns = ["subject_id", "timepoint", "status", *measure_cols, *(names[c] for c in extras), *tail]
     return out, columns
+
+
+def _relative(path: str, base: str | Path | None) -> str:
+    try:
+        return Path(path).relative_to(base).as_posix() if base is not None else path
+    except ValueError:
+        return path
+
+
+def input_rows(rows: Sequence[ManifestRow]) -> list[dict[str, Any]]:
+    """``inputs.csv``: which input each subject/time point was read from — the one identifying table."""
+    return [{"subject_id": r.key[0], "timepoint": r.key[1], "manifest_line": r.line, "input": r.input,
+             "series_uid": r.series_uid} for r in rows]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -879,11 +1067,27 @@ def _now() -> str:
 
 
 def endpoint_report(manifest: Path, records: Mapping[tuple[str, str], ScanRecord], out_dir: Path,
-                    endpoints_config: str | Path | None = None) -> dict[str, Any]:
+                    endpoints_config: str | Path | None = None, group_by: Optional[str] = None) -> dict[str, Any]:
     """The cohort endpoint report of this batch's ``records`` in ``out_dir/endpoints``; quantifies nothing."""
     from .endpoints import run_endpoints
 
-    return run_endpoints(manifest, out_dir / "endpoints", config_path=endpoints_config, scan_results=records)
+    return run_endpoints(manifest, out_dir / "endpoints", config_path=endpoints_config, scan_results=records,
+                         group_by=group_by)
+
+
+def endpoint_timepoints(endpoints_config: str | Path | None) -> list[str]:
+    """The time points the endpoints compare (the config is validated here, before any work)."""
+    from .endpoints import load_endpoints
+
+    config = load_endpoints(endpoints_config)
+    return list(dict.fromkeys(tp for ep in config.endpoints for tp in (ep.from_tp, ep.to_tp)))
+
+
+def check_group_column(extras: Sequence[str], group_by: Optional[str], manifest: Path) -> None:
+    """``--group-by`` must name an extra manifest column."""
+    if group_by and group_by not in extras:
+        raise InputError(f"--group-by {group_by}: no such manifest column (extra columns: "
+                         f"{', '.join(extras) or 'none'})", manifest)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -901,6 +1105,7 @@ class BatchSummary:
     executor: str
     endpoints: Optional[dict[str, Any]] = None
     endpoints_error: Optional[CtquantError] = None
+    duplicates_error: Optional[CtquantError] = None
 
     @property
     def counts(self) -> dict[str, int]:
@@ -918,7 +1123,8 @@ def run_batch(manifest: str | Path, out_dir: str | Path, *, method: str = "model
               config_path: str | Path | None = None, seg_format: str = "nifti", workers: int = 1,
               scheduler: Optional[str] = None, executor: Optional[ScanExecutor] = None, force: bool = False,
               model_path: str | Path | None = None, endpoints_config: str | Path | None = None,
-              endpoints: Optional[bool] = None, progress: Optional[BatchProgress] = None) -> BatchSummary:
+              endpoints: Optional[bool] = None, progress: Optional[BatchProgress] = None,
+              allow_duplicates: bool = False, group_by: Optional[str] = None) -> BatchSummary:
     """Quantify every manifest row into ``out_dir`` (see the module docstring); never raises for one scan.
 
     Args:
@@ -926,17 +1132,31 @@ def run_batch(manifest: str | Path, out_dir: str | Path, *, method: str = "model
         scheduler: a Dask scheduler address (``tcp://host:8786``).
         executor: an executor object (e.g. ``DaskExecutor(client=...)``); not closed here.
         endpoints: write the endpoint report (default: when some subject has >= 2 time points).
+        allow_duplicates: the same scan (input, files or SeriesInstanceUID) under two subject/time
+            points is a warning, not an error.
+        group_by: an extra manifest column (e.g. ``arm``): the endpoint report per group as well.
+
+    Before any scan is quantified the manifest is checked: time points no endpoint uses are warned
+    about, the same scan under two subject/time points is refused. After quantifying, a
+    SeriesInstanceUID found twice is refused too (``duplicates_error``; no endpoint report).
 
     With ``workers > 1`` the worker processes import the caller's main module (as with any
     ``multiprocessing`` spawn/forkserver start): call this from under ``if __name__ == "__main__":``.
 
     Raises:
         CtquantError: for the batch as a whole (bad manifest, options, config, model file, output folder).
+        Interrupted: on Ctrl-C (SIGINT): queued scans are cancelled, running ones stopped, their
+            temporary folders removed; the finished results stay and a re-run resumes.
     """
     manifest = Path(manifest)
     out_dir = Path(out_dir).expanduser().resolve()
     rows, extras = read_manifest(manifest)
+    check_group_column(extras, group_by, manifest)
     settings = make_settings(method, device, config_path, seg_format, model_path)
+    want_endpoints = manifest_has_follow_up(rows) if endpoints is None else endpoints
+    if want_endpoints:
+        for message in timepoint_warnings(rows, endpoint_timepoints(endpoints_config)):
+            log.warning("%s: %s", manifest, message)
     if executor is None and not scheduler:
         from .pipeline import resolve_device
 
@@ -951,30 +1171,67 @@ def run_batch(manifest: str | Path, out_dir: str | Path, *, method: str = "model
     with BatchLock(out_dir):
         for tmp in remove_stale_temp_dirs(out_dir):
             log.info("removed temporary folder of an interrupted run: %s", tmp)
+        fingerprints = {r.key: input_fingerprint(r.input) if r.input else None for r in rows}
+        current = {r.key: _current_uid(scan_output_dir(out_dir, r)) for r in rows}
+        _refuse_or_warn(duplicate_scans_before(rows, fingerprints, current), allow_duplicates, manifest)
         tasks, skipped = plan(rows, out_dir, settings, force)
         records: dict[tuple[str, str], ScanRecord] = {r.key: r for r in skipped}
         own = executor is None
         executor = executor or make_executor(workers, scheduler)
         progress.start(len(tasks), len(skipped), executor.description)
-        try:
-            for record in executor.run(tasks):
-                records[record.key] = record
-                progress.advance(record)
-        finally:
-            progress.stop()
-            if own:
-                executor.close()
+        interrupted = False
+        with sigint_once():
+            running = executor.run(tasks)
+            try:
+                for record in running:
+                    records[record.key] = record
+                    progress.advance(record)
+            except KeyboardInterrupt:
+                interrupted = True
+            finally:
+                running.close()  # a process pool cancels and stops its workers here
+                progress.stop()
+                if own:
+                    executor.close()
+            if interrupted:
+                remove_stale_temp_dirs(out_dir)
+        if interrupted:
+            done = len(records) - len(skipped)
+            raise Interrupted(f"interrupted: {done} of {len(tasks)} scan(s) finished, the others cancelled; "
+                              "run the same command again to resume", out_dir)
         ordered = [records[row.key] for row in rows]
         summary = _write_outputs(manifest, rows, extras, records, ordered, out_dir, settings, executor.description)
-        want_endpoints = manifest_has_follow_up(rows) if endpoints is None else endpoints
-        if want_endpoints:
+        dupes = same_scans(result_series_uids(records), "SeriesInstanceUID")
+        if dupes:
             try:
-                summary.endpoints = endpoint_report(manifest, records, out_dir, endpoints_config)
+                _refuse_or_warn(dupes, allow_duplicates, manifest)
+            except InputError as exc:
+                summary.duplicates_error = exc
+        if want_endpoints and summary.duplicates_error is None:
+            try:
+                summary.endpoints = endpoint_report(manifest, records, out_dir, endpoints_config, group_by)
             except CtquantError as exc:
                 log.warning("endpoint report not written: %s", exc)
                 summary.endpoints_error = exc
         _write_batch_json(summary, manifest, settings, started, force)
     return summary
+
+
+def _current_uid(result_dir: Path) -> Optional[str]:
+    try:
+        return json.loads((result_dir / "measures.json").read_text())["provenance"]["series_instance_uid"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _refuse_or_warn(messages: Sequence[str], allow: bool, manifest: Path) -> None:
+    if not messages:
+        return
+    if not allow:
+        raise InputError(f"{'; '.join(messages)} (one scan under two subject/time points; "
+                         "--allow-duplicate-scans to accept)", manifest)
+    for message in messages:
+        log.warning("%s: %s (allowed)", manifest, message)
 
 
 def _write_outputs(manifest: Path, rows: Sequence[ManifestRow], extras: Sequence[str],
@@ -983,12 +1240,13 @@ def _write_outputs(manifest: Path, rows: Sequence[ManifestRow], extras: Sequence
     failures = [r for r in ordered if r.status == "failed"]
     failures_csv, cohort_csv = out_dir / "failures.csv", out_dir / "cohort.csv"
     _atomic_write(failures_csv, _csv_text([r.failure_row() for r in failures], FAILURE_COLUMNS))
-    table, columns = cohort_rows(rows, records, extras)
+    table, columns = cohort_rows(rows, records, extras, out_dir)
     _atomic_write(cohort_csv, _csv_text(table, columns))
+    _atomic_write(out_dir / "inputs.csv", _csv_text(input_rows(rows), INPUT_COLUMNS))
     tracebacks = [r for r in failures if r.traceback]
     log_path = out_dir / "failures.log"
     if tracebacks:
-        _atomic_write(log_path, "".join(f"== {r.subject_id}/{r.timepoint} ({r.input})\n{r.traceback}\n"
+        _atomic_write(log_path, "".join(f"== {r.subject_id}/{r.timepoint} (manifest line {r.line})\n{r.traceback}\n"
                                         for r in tracebacks))
     elif log_path.exists():
         log_path.unlink()

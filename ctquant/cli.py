@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -42,6 +43,9 @@ ENDPOINTS_CONFIG = typer.Option(None, "--config", help="Endpoints YAML (default 
 SEG_FORMAT = typer.Option("nifti", "--seg-format", help="nifti, dicom-seg or both.")
 WORKERS = typer.Option(1, "--workers", min=1, help="Local worker processes (1: in this process).")
 SCHEDULER = typer.Option(None, "--scheduler", help="Dask scheduler address, e.g. tcp://host:8786 (needs the dask extra).")
+GROUP_BY = typer.Option(None, "--group-by", help="Manifest column (e.g. arm): endpoint table and plots per group too.")
+ALLOW_DUPLICATES = typer.Option(False, "--allow-duplicate-scans",
+                                help="Accept one scan under two subject/time points (warned, not refused).")
 
 
 def _hide_flag_types() -> None:
@@ -109,10 +113,13 @@ def handle_errors(func: Callable) -> Callable:
         except typer.Exit:
             raise
         except CtquantError as exc:
+            if exc.exit_code == 130:  # Interrupted: further Ctrl-C must not break the one-line exit
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
             if _STATE["debug"]:
                 traceback.print_exc()
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             _fail("interrupted", 130)
         except Exception as exc:  # a bug: keep the message on one line unless --debug
             if _STATE["debug"]:
@@ -279,8 +286,8 @@ def compare(
 @handle_errors
 def endpoints(
     manifest: Path = typer.Argument(..., help="CSV: subject_id, timepoint, input (relative to the CSV's folder); extra columns are kept."),
-    out: Path = typer.Option(..., "--out", help="Output folder: endpoints.csv/.json, subjects.csv, plots; the batch's "
-                                                "scans/, cohort.csv, failures.csv (current results are reused)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: the batch's scans/, cohort.csv, failures.csv (current "
+                                                "results are reused); endpoints/ with endpoints.csv/.json, subjects.csv, plots."),
     config: Optional[Path] = ENDPOINTS_CONFIG,
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch",
                                         help="Evaluate results of different method/model/config (recorded)."),
@@ -289,6 +296,8 @@ def endpoints(
     quantify_config: Optional[Path] = QUANTIFY_CONFIG_OVER,
     workers: int = WORKERS,
     scheduler: Optional[str] = SCHEDULER,
+    group_by: Optional[str] = GROUP_BY,
+    allow_duplicates: bool = ALLOW_DUPLICATES,
 ) -> None:
     """Cohort endpoints: % of participants with reduction, exact 95 % CI, per-subject table and plots."""
     from rich.console import Console
@@ -297,10 +306,11 @@ def endpoints(
     from .errors import BatchFailures
 
     doc = run_endpoints(manifest, out, config_path=config, allow_mismatch=allow_mismatch, method=method,
-                        device=device, quantify_config=quantify_config, workers=workers, scheduler=scheduler)
+                        device=device, quantify_config=quantify_config, workers=workers, scheduler=scheduler,
+                        group_by=group_by, allow_duplicates=allow_duplicates)
     console = Console(width=160)
     console.print(cohort_table(doc))
-    console.print(f"results in {out}", markup=False, highlight=False)
+    console.print(f"results in {out} (endpoint report in {out / 'endpoints'})", markup=False, highlight=False)
     if doc["failures"]:
         raise BatchFailures(f"{len(doc['failures'])} scan(s) failed; endpoints written without them "
                             "(see failures.csv)", out / "failures.csv")
@@ -385,6 +395,8 @@ def batch(
                                                     help="Endpoints YAML for the report (default configs/endpoints.yaml)."),
     report: Optional[bool] = typer.Option(None, "--endpoints/--no-endpoints",
                                           help="Endpoint report in OUT/endpoints (default: when a subject has 2+ time points)."),
+    group_by: Optional[str] = GROUP_BY,
+    allow_duplicates: bool = ALLOW_DUPLICATES,
 ) -> None:
     """Quantify every scan of a manifest: resumable, parallel (--workers / Dask), failures isolated."""
     from .batch import make_progress, run_batch
@@ -392,12 +404,15 @@ def batch(
 
     summary = run_batch(manifest, out, method=method, device=device, config_path=config, seg_format=seg_format,
                         workers=workers, scheduler=scheduler, force=force, endpoints_config=endpoints_config,
-                        endpoints=report, progress=make_progress())
+                        endpoints=report, progress=make_progress(), group_by=group_by,
+                        allow_duplicates=allow_duplicates)
     counts = summary.counts
     typer.echo(f"ctquant batch: {counts['ok']} quantified, {counts['skipped']} skipped (current), "
                f"{counts['failed']} failed; cohort table {summary.cohort_csv}", err=True)
     if summary.endpoints is not None:
         typer.echo(f"ctquant batch: endpoint report in {summary.out_dir / 'endpoints'}", err=True)
+    if summary.duplicates_error is not None:
+        raise summary.duplicates_error
     if counts["failed"]:
         raise BatchFailures(f"{counts['failed']} of {len(summary.records)} scan(s) failed (see failures.csv)",
                             summary.failures_csv)

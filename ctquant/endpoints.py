@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from . import __version__
-from .batch import ManifestRow, ScanRecord, make_progress, read_manifest, run_batch
+from .batch import (ManifestRow, ScanRecord, check_group_column, make_progress, read_manifest, run_batch,
+                    timepoint_warnings)
 from .config import CONFIG_DIR, code_sha256, config_hash, file_sha256, load_yaml, merge
 from .errors import InputError, IncompatibleResults, OutputError
 
@@ -636,8 +637,18 @@ def _new_figure(width: float, height: float):
     return fig
 
 
-def plot_trajectories(rows: Sequence[Mapping[str, Any]], endpoint: Endpoint, path: Path) -> None:
-    """Per-participant lines of the endpoint measure (both lungs) from ``from`` to ``to``."""
+def _title(text: str, width_in: float, fontsize: float) -> str:
+    """``text`` wrapped to ``width_in`` inches (DejaVu Sans averages about 0.6 em per character, a
+    margin kept), so that titles and axis labels are never clipped."""
+    import textwrap
+
+    per_line = max(20, int(0.9 * width_in * 72 / (0.6 * fontsize)))
+    return "\n".join(textwrap.wrap(text, per_line))
+
+
+def plot_trajectories(rows: Sequence[Mapping[str, Any]], endpoint: Endpoint, path: Path, group: str = "") -> Any:
+    """Per-participant lines of the endpoint measure (both lungs) from ``from`` to ``to``
+    (``group``: named in the title, e.g. ``arm=active``)."""
     from matplotlib.lines import Line2D
 
     fig = _new_figure(6.4, 4.8)
@@ -667,21 +678,25 @@ def plot_trajectories(rows: Sequence[Mapping[str, Any]], endpoint: Endpoint, pat
     ax.set_xticks([0, 1], [endpoint.from_tp, endpoint.to_tp])
     ax.set_xlim(-0.15, 1.35)
     ax.set_ylim(bottom=0)
-    ax.set_ylabel(f"{MEASURE_LABELS[endpoint.measure]} (both lungs)")
+    ax.set_ylabel(_title(f"{MEASURE_LABELS[endpoint.measure]} (both lungs)", 3.6, 10))
     ev = [r for r in rows if r["evaluable"]]
     k = sum(1 for r in ev if r["reduction"])
-    ax.set_title(f"{endpoint.name}: {k}/{len(ev)} evaluable with reduction", fontsize=10)
+    where = f" ({group})" if group else ""
+    ax.set_title(_title(f"{endpoint.name}{where}: {k}/{len(ev)} evaluable with reduction", 6.4, 10), fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(handles=[Line2D([], [], color=c, marker="o", ls=":" if v == "not evaluable" else "-", label=v)
                        for v, c in _COLOURS.items()], fontsize=8, loc="upper right")
     fig.savefig(path, format="png")
+    return fig
 
 
-def plot_waterfall(rows: Sequence[Mapping[str, Any]], endpoint: Endpoint, path: Path) -> None:
-    """Sorted bars of each evaluable participant's change (relative and absolute), thresholds marked."""
+def plot_waterfall(rows: Sequence[Mapping[str, Any]], endpoint: Endpoint, path: Path, group: str = "") -> Any:
+    """Sorted bars of each evaluable participant's change (relative and absolute), thresholds marked
+    (``group``: named in the title)."""
     ev = [r for r in rows if r["evaluable"]]
     ev.sort(key=lambda r: (r.get("both_rel_change_pct") is None, -(r.get("both_rel_change_pct") or 0.0)))
-    fig = _new_figure(max(6.4, 1.6 + 0.5 * len(ev)), 6.0)
+    width_in = max(6.4, 1.6 + 0.5 * len(ev))
+    fig = _new_figure(width_in, 6.0)
     axes = fig.subplots(2, 1, sharex=True)
     x = list(range(len(ev)))
     colours = [_COLOURS[r["verdict"]] for r in ev]
@@ -704,9 +719,11 @@ def plot_waterfall(rows: Sequence[Mapping[str, Any]], endpoint: Endpoint, path: 
     axes[1].set_xticks(x, [str(r["subject_id"]) for r in ev], rotation=45, ha="right", fontsize=8)
     rule = "both lungs" if endpoint.evaluate == "both" else "both lungs shown; rule applied in each lung"
     k = sum(1 for r in ev if r["reduction"])
-    axes[0].set_title(f"{endpoint.name}: {MEASURE_LABELS[endpoint.measure]}, {endpoint.from_tp} → "
-                      f"{endpoint.to_tp} ({rule}); {k}/{len(ev)} with reduction", fontsize=9)
+    where = f" [{group}]" if group else ""
+    axes[0].set_title(_title(f"{endpoint.name}{where}: {MEASURE_LABELS[endpoint.measure]}, {endpoint.from_tp} → "
+                             f"{endpoint.to_tp} ({rule}); {k}/{len(ev)} with reduction", width_in, 9), fontsize=9)
     fig.savefig(path, format="png")
+    return fig
 
 
 # --------------------------------------------------------------------------------------------------
@@ -882,7 +899,7 @@ def _extra_values(rows: Sequence[ManifestRow], extras: Sequence[str]) -> dict[st
         per_subject: dict[str, list[tuple[str, str]]] = {}
         for row in rows:
             if row.extra.get(col):
-                per_subject.setdefault(row.subject_id, []).append((row.timepoint, row.extra[col]))
+                per_subject.setdefault(row.key[0], []).append((row.key[1], row.extra[col]))
         for sid, values in per_subject.items():
             distinct = {v for _, v in values}
             text = values[0][1] if len(distinct) == 1 else "; ".join(f"{tp}={v}" for tp, v in values)
@@ -890,13 +907,24 @@ def _extra_values(rows: Sequence[ManifestRow], extras: Sequence[str]) -> dict[st
     return out
 
 
+def _folder_tp(label: str) -> str:
+    """A time point as folders and tables spell it (``day 14`` -> ``day_14``)."""
+    from .pipeline import sanitize_id
+
+    try:
+        return sanitize_id(label)
+    except InputError:
+        return label
+
+
 def subject_row(endpoint: Endpoint, subject_id: str,
                 results: Mapping[tuple[str, str], ScanRecord]) -> dict[str, Any]:
     """One ``subjects.csv`` row: the participant's values, changes, verdict and reason for an endpoint.
 
-    ``results`` maps the manifest's (subject, time point) to the scan's batch record.
+    ``results`` maps the manifest's (subject, time point), as folders spell them, to the scan's batch record.
     """
-    first, second = results.get((subject_id, endpoint.from_tp)), results.get((subject_id, endpoint.to_tp))
+    first = results.get((subject_id, _folder_tp(endpoint.from_tp)))
+    second = results.get((subject_id, _folder_tp(endpoint.to_tp)))
     problems = []
     for tp, r in ((endpoint.from_tp, first), (endpoint.to_tp, second)):
         if r is None:
@@ -940,11 +968,42 @@ SUBJECT_COLUMNS = (
     + ["days_between", "mismatch", "from_flags", "to_flags", "from_result", "to_result"]
 )
 COHORT_COLUMNS = [
-    "endpoint", "measure", "from", "to", "scope", "evaluate", "min_relative_decrease_pct",
+    "endpoint", "group", "measure", "from", "to", "scope", "evaluate", "min_relative_decrease_pct",
     "min_absolute_decrease", "n_subjects", "n_evaluable", "n_reduction", "pct_reduction",
     "ci95_low_pct", "ci95_high_pct", "not_evaluable", "description", "endpoints_config_sha256",
     "ctquant_version",
 ]
+#: The ``group`` of the whole cohort's rows in ``endpoints.csv``.
+OVERALL = "all"
+#: Where ``ctquant endpoints --out DIR`` (and ``ctquant batch``) write the endpoint report.
+REPORT_FOLDER = "endpoints"
+
+
+def subject_groups(rows: Sequence[ManifestRow], column: str, from_tp: str) -> dict[str, str]:
+    """Each subject's value of a manifest column: at the endpoint's first time point, else the first
+    non-empty one; ``(blank)`` when there is none."""
+    out: dict[str, str] = {}
+    for row in sorted(rows, key=lambda r: r.key[1] != _folder_tp(from_tp)):
+        value = row.extra.get(column, "").strip()
+        if value and row.key[0] not in out:
+            out[row.key[0]] = value
+    for row in rows:
+        out.setdefault(row.key[0], "(blank)")
+    return out
+
+
+def group_label(column: str, value: str) -> str:
+    """How a group is named in tables: ``arm=active``."""
+    return f"{column}={value}"
+
+
+def _plot_suffix(column: str, value: str) -> str:
+    from .pipeline import sanitize_id
+
+    try:
+        return f"_{sanitize_id(column)}-{sanitize_id(value)}"
+    except InputError:
+        return f"_{sanitize_id(column)}-{abs(hash(value)) % 10**8}"
 
 
 def run_endpoints(
@@ -959,39 +1018,51 @@ def run_endpoints(
     workers: int = 1,
     scheduler: Optional[str] = None,
     scan_results: Optional[Mapping[tuple[str, str], ScanRecord]] = None,
+    group_by: Optional[str] = None,
+    allow_duplicates: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate every endpoint over a manifest's cohort; write the tables and plots into ``out_dir``.
+    """Evaluate every endpoint over a manifest's cohort; write the tables and plots.
 
     Without ``scan_results`` the manifest's scans are quantified by :func:`ctquant.batch.run_batch`
     into ``out_dir`` (``scans/``, ``cohort.csv``, ``failures.csv``, ``batch.json``; current results are
-    reused, so a re-run only redoes what is missing, outdated or failed). ``scan_results`` (batch
-    records keyed by sanitized subject and time point, one per manifest row) are used instead; then
-    nothing is quantified.
+    reused, so a re-run only redoes what is missing, outdated or failed) and the report goes to
+    ``out_dir/endpoints/``, as ``ctquant batch`` writes it. ``scan_results`` (batch records keyed by
+    sanitized subject and time point, one per manifest row) are used instead; then nothing is
+    quantified and the report goes to ``out_dir`` itself.
 
-    Writes ``endpoints.csv``/``endpoints.json`` (one row per endpoint: n evaluable, n with reduction,
-    % with exact 95 % CI, who is not evaluable and why), ``subjects.csv`` (one row per participant
-    and endpoint) and per endpoint ``trajectory_<name>.png`` and ``waterfall_<name>.png``. Results of
-    different method/model/config among the evaluated time points raise :class:`IncompatibleResults`
-    unless ``allow_mismatch``. Returns the ``endpoints.json`` content (its ``failures`` list holds
-    the failed scans' ``failures.csv`` rows).
+    Writes ``endpoints.csv``/``endpoints.json`` (one row per endpoint and group: n evaluable, n with
+    reduction, % with exact 95 % CI, who is not evaluable and why), ``subjects.csv`` (one row per
+    participant and endpoint) and per endpoint ``trajectory_<name>.png`` and ``waterfall_<name>.png``.
+    ``group_by`` (an extra manifest column such as ``arm``) adds, for each of its values, a row per
+    endpoint (group ``arm=<value>``, its own exact CI) and the two plots
+    (``…_<name>_arm-<value>.png``); the overall rows have group ``all``. Results of different
+    method/model/config among the evaluated time points raise :class:`IncompatibleResults` unless
+    ``allow_mismatch``. Returns the ``endpoints.json`` content (its ``failures`` list holds the
+    failed scans' ``failures.csv`` rows).
     """
     config = load_endpoints(config_path)
     manifest = Path(manifest)
     out_dir = Path(out_dir)
     rows, extras = read_manifest(manifest)
+    check_group_column(extras, group_by, manifest)
+    timepoints = list(dict.fromkeys(tp for ep in config.endpoints for tp in (ep.from_tp, ep.to_tp)))
+    report_dir = out_dir
     if scan_results is None:
+        for message in timepoint_warnings(rows, timepoints):
+            log.warning("%s: %s", manifest, message)
         summary = run_batch(manifest, out_dir, method=method or "model", device=device, config_path=quantify_config,
-                            workers=workers, scheduler=scheduler, endpoints=False, progress=make_progress())
+                            workers=workers, scheduler=scheduler, endpoints=False, progress=make_progress(),
+                            allow_duplicates=allow_duplicates)
+        if summary.duplicates_error is not None:
+            raise summary.duplicates_error
         scan_results = {r.key: r for r in summary.records}
+        report_dir = out_dir / REPORT_FOLDER
     missing = [f"{row.subject_id}/{row.timepoint}" for row in rows if row.key not in scan_results]
     if missing:
         raise InputError(f"no scan result for {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}", manifest)
-    results = {(row.subject_id, row.timepoint): scan_results[row.key] for row in rows}
-    timepoints = {tp for ep in config.endpoints for tp in (ep.from_tp, ep.to_tp)}
-    unused = sorted({row.timepoint for row in rows} - timepoints)
-    if unused:
-        log.info("manifest time points not used by any endpoint: %s", ", ".join(unused))
-    mismatch = _cohort_mismatch({key: r for key, r in results.items() if key[1] in timepoints})
+    results = {row.key: scan_results[row.key] for row in rows}
+    evaluated = {_folder_tp(tp) for tp in timepoints}
+    mismatch = _cohort_mismatch({key: r for key, r in results.items() if key[1] in evaluated})
     if mismatch and not allow_mismatch:
         what = "; ".join(
             f"method={m['method']} model={str(m['model_sha256'])[:12]} config={str(m['config_sha256'])[:12]}: "
@@ -999,10 +1070,10 @@ def run_endpoints(
         raise IncompatibleResults(f"the cohort's results were made differently ({what}); "
                                   "use --allow-mismatch to evaluate anyway", manifest)
 
-    subjects = list(dict.fromkeys(row.subject_id for row in rows))
+    subjects = list(dict.fromkeys(row.key[0] for row in rows))
     extra_values = _extra_values(rows, extras)
     extra_cols = [c if c not in SUBJECT_COLUMNS else f"manifest_{c}" for c in extras]
-    subject_rows, summaries, per_endpoint = [], [], {}
+    subject_rows, summaries, group_summaries, plots = [], [], [], []
     for ep in config.endpoints:
         ep_rows = []
         for sid in subjects:
@@ -1010,13 +1081,22 @@ def run_endpoints(
             for col, out_col in zip(extras, extra_cols):
                 row[out_col] = extra_values.get(sid, {}).get(col, "")
             ep_rows.append(row)
-        per_endpoint[ep.name] = ep_rows
         subject_rows.extend(ep_rows)
-        summaries.append(cohort_summary(ep_rows, ep))
+        summaries.append({**cohort_summary(ep_rows, ep), "group": OVERALL})
+        plots.append((ep, ep_rows, "", ""))
+        if group_by:
+            groups = subject_groups(rows, group_by, ep.from_tp)
+            for value in sorted(set(groups.values())):
+                members = [r for r in ep_rows if groups[r["subject_id"]] == value]
+                group_summaries.append({**cohort_summary(members, ep), "group": group_label(group_by, value),
+                                        "group_by": group_by, "group_value": value})
+                plots.append((ep, members, _plot_suffix(group_by, value), group_label(group_by, value)))
     failures = [r.failure_row() for r in results.values() if r.status == "failed"]
     doc = {
         "schema": COHORT_SCHEMA,
         "endpoints": summaries,
+        "group_by": group_by,
+        "groups": group_summaries,
         "failures": failures,
         "mismatch": mismatch,
         "provenance": {
@@ -1028,23 +1108,24 @@ def run_endpoints(
             "manifest": str(manifest),
             "manifest_sha256": file_sha256(manifest),
             "allow_mismatch": allow_mismatch,
-            "scans": [{"subject_id": r.subject_id, "timepoint": r.timepoint, "input": r.input,
+            "scans": [{"subject_id": r.subject_id, "timepoint": r.timepoint, "manifest_line": r.line,
                        "status": r.status, "measures": _result_path(r), "reason": r.reason or None,
                        **(result_signature(r.measures) if r.measures else {})}
                       for r in results.values()],
             "created_utc": _now(),
         },
     }
+    by_endpoint = {ep.name: [s for s in group_summaries if s["endpoint"] == ep.name] for ep in config.endpoints}
+    table = [row for s in summaries for row in (s, *by_endpoint[s["endpoint"]])]
     cohort_rows = [{**s, "not_evaluable": [f"{x['subject_id']}: {x['reason']}" for x in s["not_evaluable"]],
-                    "from": s["from"], "to": s["to"], "endpoints_config_sha256": config.sha256,
-                    "ctquant_version": __version__} for s in summaries]
-    with _StagedOutputs(out_dir) as out:
+                    "endpoints_config_sha256": config.sha256, "ctquant_version": __version__} for s in table]
+    with _StagedOutputs(report_dir) as out:
         out.write_csv("endpoints.csv", cohort_rows, COHORT_COLUMNS)
         out.write_json("endpoints.json", doc)
         out.write_csv("subjects.csv", subject_rows, SUBJECT_COLUMNS + extra_cols)
-        for ep in config.endpoints:
-            plot_trajectories(per_endpoint[ep.name], ep, out.path(f"trajectory_{ep.name}.png"))
-            plot_waterfall(per_endpoint[ep.name], ep, out.path(f"waterfall_{ep.name}.png"))
+        for ep, members, suffix, label in plots:
+            plot_trajectories(members, ep, out.path(f"trajectory_{ep.name}{suffix}.png"), group=label)
+            plot_waterfall(members, ep, out.path(f"waterfall_{ep.name}{suffix}.png"), group=label)
     return doc
 
 
@@ -1088,9 +1169,13 @@ def cohort_table(doc: Mapping[str, Any]):
     table = Table(title="endpoints (exact 95 % CI)")
     for col in ("endpoint", "evaluable", "reduction", "% (95 % CI)", "not evaluable"):
         table.add_column(col, justify="right" if col in ("evaluable", "reduction") else "left")
-    for s in doc["endpoints"]:
+    by_endpoint: dict[str, list] = {}
+    for g in doc.get("groups") or []:
+        by_endpoint.setdefault(g["endpoint"], []).append(g)
+    for s in (row for top in doc["endpoints"] for row in (top, *by_endpoint.get(top["endpoint"], []))):
         pct = ("–" if s["pct_reduction"] is None else
                f"{s['pct_reduction']:.1f} ({s['ci95_low_pct']:.1f}–{s['ci95_high_pct']:.1f})")
         ne = ", ".join(x["subject_id"] for x in s["not_evaluable"]) or "–"
-        table.add_row(s["endpoint"], f"{s['n_evaluable']}/{s['n_subjects']}", str(s["n_reduction"]), pct, ne)
+        name = s["endpoint"] if s.get("group", OVERALL) == OVERALL else f"  {s['group']}"
+        table.add_row(name, f"{s['n_evaluable']}/{s['n_subjects']}", str(s["n_reduction"]), pct, ne)
     return table

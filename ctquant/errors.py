@@ -17,6 +17,7 @@ code   meaning
 7      output error: the output folder cannot be written
 8      batch finished, but some scans failed (see failures.csv)
 9      incompatible results: compared results were made with different models/configs
+130    interrupted (Ctrl-C / SIGINT): finished scans are kept, a re-run resumes
 =====  ==========================================================================
 """
 
@@ -76,3 +77,9 @@ class IncompatibleResults(CtquantError):
     """Results made with different methods, models or configs were asked to be compared."""
 
     exit_code = 9
+
+
+class Interrupted(CtquantError):
+    """Stopped by Ctrl-C (SIGINT): queued work cancelled, running work stopped, nothing half-written."""
+
+    exit_code = 130

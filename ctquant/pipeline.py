@@ -153,7 +153,7 @@ def analyse_scan(scan: Scan, *, method: str = "model", device: str = "cpu", conf
             **model_info,
             "config": config,
             "config_sha256": config_hash(config),
-            "input": scan.meta.get("input"),
+            "input": Path(scan.meta["input"]).name if scan.meta.get("input") else None,  # full path: identifying
             "input_format": scan.meta.get("format"),
             "series_instance_uid": scan.meta.get("series_instance_uid"),
             "series_key": scan.meta.get("series_key"),

@@ -52,8 +52,10 @@ ROWS = (
 #: Columns of the endpoint tables never shown (paths and anything that may identify a patient).
 _HIDDEN_COLUMNS = re.compile(r"input|path|file|patient|name|birth|mrn|accession", re.I)
 _PATH_TOKEN = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s:;,'\"\\/]+)+[\\/]?")
-#: QC images in the cohort report are re-encoded as JPEG no wider than this (pixels).
-COHORT_QC_MAX_WIDTH = 1600
+#: QC images in the cohort report are thumbnails: JPEG no wider than this (pixels), linked to the
+#: scan's full-size ``qc.png``; the per-scan report embeds the full image (click to zoom).
+COHORT_QC_MAX_WIDTH = 640
+COHORT_QC_JPEG_QUALITY = 70
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,7 +95,8 @@ def _png_bytes(qc_png: bytes | str | Path | None) -> bytes | None:
     return path.read_bytes() if path.is_file() else None
 
 
-def _as_jpeg(png: bytes, max_width: int = COHORT_QC_MAX_WIDTH) -> tuple[bytes, str]:
+def _as_jpeg(png: bytes, max_width: int = COHORT_QC_MAX_WIDTH,
+             quality: int = COHORT_QC_JPEG_QUALITY) -> tuple[bytes, str]:
     """A smaller JPEG of a PNG for embedding many of them (falls back to the PNG)."""
     try:
         from PIL import Image
@@ -103,7 +106,7 @@ def _as_jpeg(png: bytes, max_width: int = COHORT_QC_MAX_WIDTH) -> tuple[bytes, s
             if image.width > max_width:
                 image = image.resize((max_width, round(image.height * max_width / image.width)), Image.LANCZOS)
             buf = io.BytesIO()
-            image.save(buf, format="JPEG", quality=85, optimize=True)
+            image.save(buf, format="JPEG", quality=quality, optimize=True)
         return buf.getvalue(), "image/jpeg"
     except Exception as exc:  # noqa: BLE001 - a broken image must not stop the report
         log.warning("cannot re-encode a QC image (%s); embedding it as it is", exc)
@@ -152,7 +155,11 @@ def _now() -> str:
 
 def scan_context(measures: dict[str, Any], qc_png: bytes | str | Path | None = None, *,
                  jpeg: bool = False, relpath: str = "", anchor: str = "scan") -> dict[str, Any]:
-    """The template variables of one scan (numbers formatted, provenance listed, QC image embedded)."""
+    """The template variables of one scan (numbers formatted, provenance listed, QC image embedded).
+
+    ``jpeg``: embed a thumbnail (cohort report) that links to the full-size ``qc.png`` in ``relpath``;
+    otherwise the full image, which a click enlarges to its natural size (per-scan report).
+    """
     lungs = measures.get("lungs") or {}
     prov = measures.get("provenance") or {}
     subject = measures.get("subject_id") or "unnamed"
@@ -212,6 +219,8 @@ def scan_context(measures: dict[str, Any], qc_png: bytes | str | Path | None = N
         "config_json": json.dumps(config, indent=2, sort_keys=True, default=_json_default),
         "measures_json": json.dumps(_redacted_measures(measures), indent=2, default=_json_default),
         "qc_uri": qc_uri,
+        "qc_thumbnail": jpeg,
+        "qc_link": f"{relpath}/qc.png" if relpath and relpath != "." else "qc.png",
         "summary": summary,
         "relpath": relpath,
         "anchor": anchor,
@@ -342,9 +351,12 @@ def _anchors(names: Iterable[str]) -> list[str]:
     return out
 
 
-def cohort_context(results_dir: str | Path, *, embed_qc: bool = True) -> dict[str, Any]:
-    """The template variables of the cohort report of ``results_dir``."""
+def cohort_context(results_dir: str | Path, *, embed_qc: bool = True,
+                   report_dir: str | Path | None = None) -> dict[str, Any]:
+    """The template variables of the cohort report of ``results_dir``; links to the scans' full-size
+    QC images are relative to ``report_dir`` (the report's folder; default ``results_dir``)."""
     root = Path(results_dir)
+    base = Path(report_dir) if report_dir is not None else root
     if not root.is_dir():
         raise InputError("not a folder", root)
     results, skipped = collect_results(root)
@@ -352,27 +364,36 @@ def cohort_context(results_dir: str | Path, *, embed_qc: bool = True) -> dict[st
     scans = []
     for (path, measures), anchor in zip(results, anchors):
         qc = path.parent / "qc.png"
-        scans.append(scan_context(measures, qc if embed_qc and qc.is_file() else None, jpeg=True,
-                                  relpath=str(path.parent.relative_to(root)) or ".", anchor=anchor))
-    # Endpoint outputs: in the folder itself (``ctquant endpoints``) or its ``endpoints/`` (``ctquant batch``).
-    places = [root] + ([root / "endpoints"] if (root / "endpoints").is_dir() else [])
+        context = scan_context(measures, qc if embed_qc and qc.is_file() else None, jpeg=True,
+                               relpath=str(path.parent.relative_to(root)) or ".", anchor=anchor)
+        context["qc_link"] = Path(os.path.relpath(qc.resolve(), base.resolve())).as_posix()
+        scans.append(context)
+    # Endpoint outputs: in the folder itself (a report folder) or its ``endpoints/`` (``ctquant batch`` and
+    # ``ctquant endpoints``); when both hold a report, the top one is an older ctquant's copy: not shown twice.
+    sub = root / "endpoints"
+    places = [root] + ([sub] if sub.is_dir() else [])
+    newer = {p.name for p in sub.iterdir()} if sub.is_dir() else set()
+
+    def shown_here(place: Path, name: str) -> bool:
+        return (place / name).is_file() and not (place == root and name in newer)
     try:
         from .endpoints import SUBJECT_COLUMNS
     except ImportError:  # pragma: no cover - the endpoints module ships with ctquant
         SUBJECT_COLUMNS = SUBJECT_SHOWN
     tables = []
     for place in places:
-        if (place / "endpoints.csv").is_file():
+        if shown_here(place, "endpoints.csv"):
             tables.append(read_csv_table(place / "endpoints.csv", "Endpoints: participants with reduction "
                                          "(endpoints.csv)", transpose=True))
-        if (place / "subjects.csv").is_file():
+        if shown_here(place, "subjects.csv"):
             tables.append(read_csv_table(place / "subjects.csv", "Per participant and endpoint (subjects.csv)",
                                          shown=SUBJECT_SHOWN, known=SUBJECT_COLUMNS))
     tables = [t for t in tables if t]
     failures = read_csv_table(root / "failures.csv", "Failed scans", redact_paths=True) \
         if (root / "failures.csv").is_file() else None
     plots = [{"name": str(p.relative_to(root)), "uri": data_uri(p.read_bytes(), "image/png")}
-             for place in places for p in sorted(place.glob("*.png"), key=lambda p: _natural(p.name)) if p.is_file()]
+             for place in places for p in sorted(place.glob("*.png"), key=lambda p: _natural(p.name))
+             if shown_here(place, p.name)]
     if not scans and not tables and not plots:
         raise InputError("no ctquant results here (no measures.json, endpoints.csv or plots)", root)
     signatures = sorted({s["signature"] for s in scans}, key=str)
@@ -395,14 +416,16 @@ def cohort_context(results_dir: str | Path, *, embed_qc: bool = True) -> dict[st
     }
 
 
-def render_cohort_report(results_dir: str | Path, *, embed_qc: bool = True) -> str:
-    """The cohort HTML report of a results folder as a string."""
-    return _env().get_template("cohort.html").render(**cohort_context(results_dir, embed_qc=embed_qc),
-                                                     version=__version__, generated_utc=_now())
+def render_cohort_report(results_dir: str | Path, *, embed_qc: bool = True,
+                         report_dir: str | Path | None = None) -> str:
+    """The cohort HTML report of a results folder as a string (``report_dir``: where it will be
+    written, for the links to the full-size QC images; default ``results_dir``)."""
+    context = cohort_context(results_dir, embed_qc=embed_qc, report_dir=report_dir)
+    return _env().get_template("cohort.html").render(**context, version=__version__, generated_utc=_now())
 
 
 def write_cohort_report(results_dir: str | Path, out: str | Path | None = None, *, embed_qc: bool = True) -> Path:
     """Write the cohort report (default ``RESULTS_DIR/cohort_report.html``, which never overwrites a
     scan's own ``report.html``) atomically; returns its path."""
     out = Path(out) if out is not None else Path(results_dir) / "cohort_report.html"
-    return _atomic_write_text(out, render_cohort_report(results_dir, embed_qc=embed_qc))
+    return _atomic_write_text(out, render_cohort_report(results_dir, embed_qc=embed_qc, report_dir=out.parent))

@@ -621,3 +621,29 @@ def test_real_dicom_seg_reader_against_nifti_reader(tmp_path: Path):
     assert (cases.dice == 1.0).all() and (cases.volume_diff_ml == 0).all()
     lung_ml = np.count_nonzero(lungs) * scan.voxel_volume_ml
     assert cases.lung_volume_ml.to_numpy() == pytest.approx(np.full(len(cases), lung_ml), rel=1e-6)
+
+
+def test_agree_gives_each_pair_its_own_icc_and_labels_the_all_readers_one(tmp_path: Path):
+    """Shrout & Fleiss' 4 judges: ICC(2,1) 0.29 over all; each pair's own differs (J1–J3 agree well)."""
+    rows = [(f"t{i}", f"J{j + 1}", "score", float(SHROUT_FLEISS[i, j])) for i in range(6) for j in range(4)]
+    table = tmp_path / "scores.csv"
+    pd.DataFrame(rows, columns=["case_id", "reader", "measure", "value"]).to_csv(table, index=False)
+    out = tmp_path / "t"
+    result = _run(["--table", str(table), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    pairs = json.loads((out / "summary.json").read_text())["measures"]["score"]["pairs"]
+    csv_rows = pd.read_csv(out / "measures.csv")
+    seen = set()
+    for a, b in [(0, 1), (0, 2), (2, 3)]:
+        own = icc(SHROUT_FLEISS[:, [a, b]])["icc2_1"]["value"]
+        key = f"J{a + 1} vs J{b + 1}"
+        assert pairs[key]["icc"]["icc2_1"]["value"] == pytest.approx(own)
+        row = csv_rows[(csv_rows.reader_a == f"J{a + 1}") & (csv_rows.reader_b == f"J{b + 1}")].iloc[0]
+        assert row["icc2_1"] == pytest.approx(own, abs=1e-5)
+        seen.add(round(own, 2))
+        line = next(line for line in result.output.splitlines() if key in line)
+        assert f"{own:.2g}" in line and "0.29" not in line  # the pair's own, not the all-readers value
+    assert len(seen) == 3
+    everyone = next(line for line in result.output.splitlines() if "all 4 readers" in line)
+    assert "0.29" in everyone
+    assert csv_rows[csv_rows.reader_a == "(all)"].iloc[0]["icc2_1"] == pytest.approx(0.2898, abs=1e-3)

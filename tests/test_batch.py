@@ -162,7 +162,8 @@ def test_broken_scans_are_recorded_and_the_batch_goes_on(scans, tmp_path):
     assert set(failures) == {"G1", "M1", "T1", "W1", "E1"}
     assert failures["G1"]["exit_code"] == "3" and "no DICOM files found" in failures["G1"]["reason"]
     assert failures["M1"]["category"] == "InputError" and "no such file or folder" in failures["M1"]["reason"]
-    assert failures["M1"]["input"] == str(tmp_path / "bad" / "does-not-exist")
+    assert failures["M1"]["manifest_line"] == "4" and "input" not in failures["M1"]  # paths: inputs.csv only
+    assert {r["subject_id"]: r["input"] for r in read_csv(out / "inputs.csv")}["M1"] == str(tmp_path / "bad" / "does-not-exist")
     assert "not a DICOM file" in failures["T1"]["reason"]
     assert failures["W1"]["exit_code"] == "5" and failures["W1"]["category"] == "CalibrationError"
     assert "no input given" in failures["E1"]["reason"]
@@ -172,6 +173,10 @@ def test_broken_scans_are_recorded_and_the_batch_goes_on(scans, tmp_path):
     assert table.loc[0, "both_lung_volume_ml"] > 1000 and table.loc[1:, "both_lung_volume_ml"].isna().all()
     good = out / "scans" / "P1" / "baseline"
     assert json.loads((good / "measures.json").read_text())["provenance"]["input_fingerprint"]
+    assert json.loads((good / "measures.json").read_text())["provenance"]["input"] == "P1_baseline"  # name, not path
+    shown = [p.name for p in out.rglob("*") if p.is_file() and p.suffix in (".csv", ".json", ".html")
+             and str(tmp_path / "bad") in p.read_text(errors="replace")]
+    assert shown == ["inputs.csv"]  # input paths (identifying) in one documented place
     assert {p.name for p in (out / "scans").iterdir()} == {"P1"}  # failed scans leave no folders
     assert sorted(p.name for p in bad.rglob("*")) == before  # inputs untouched
     assert not (out / ".batch.lock").exists()
@@ -437,3 +442,156 @@ def test_code_hash_follows_the_package_files(tmp_path, monkeypatch):
         assert config.code_sha256() != first
     finally:
         config.code_sha256.cache_clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# Real-world process handling: a cwd holding a "ctquant" folder, Ctrl-C
+
+
+_SITECUSTOMIZE = textwrap.dedent('''
+    """Test harness, imported by every Python process started with this folder on PYTHONPATH.
+
+    1. ctquant is found as an editable install finds it (setuptools' finder, consulted after the
+       path finder), not from PYTHONPATH, so a folder named "ctquant" in the cwd can shadow it.
+    2. With CTQUANT_TEST_STALL_DIR set, writing the labels of subject P2 stalls (each stalled
+       process leaves a file named after its pid there), so an interrupt lands mid-scan.
+    """
+    import importlib.machinery, importlib.util, os, sys, time
+
+    PKG = os.environ["CTQUANT_TEST_PACKAGE"]
+
+    class EditableFinder:
+        @classmethod
+        def find_spec(cls, name, path=None, target=None):
+            if name == "ctquant":
+                return importlib.util.spec_from_file_location(name, os.path.join(PKG, "__init__.py"),
+                                                              submodule_search_locations=[PKG])
+            return None
+
+    at = next(i for i, f in enumerate(sys.meta_path) if f is importlib.machinery.PathFinder)
+    sys.meta_path.insert(at + 1, EditableFinder)
+
+    def install_stall(pipeline, where):
+        real = pipeline.write_label_image
+
+        def stalling(scan, labels, path):
+            real(scan, labels, path)
+            if os.sep + "P2" + os.sep in str(path):
+                open(os.path.join(where, str(os.getpid())), "w").close()
+                time.sleep(300)
+
+        pipeline.write_label_image = stalling
+
+    class PatchPipeline:
+        @classmethod
+        def find_spec(cls, name, path=None, target=None):
+            where = os.environ.get("CTQUANT_TEST_STALL_DIR")
+            if name != "ctquant.pipeline" or not where:
+                return None
+            spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+            run = spec.loader.exec_module
+
+            def exec_module(module):
+                run(module)
+                install_stall(module, where)
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, PatchPipeline)
+''')
+
+
+def _harness(tmp_path: Path, stall: Path | None = None) -> tuple[Path, dict[str, str], Path]:
+    """A folder with the harness and a CLI runner script, the environment to use it, and a work
+    folder (the cwd) that holds an empty folder named ``ctquant``, as the parent of a clone does."""
+    import ctquant
+
+    harness = tmp_path / "harness"
+    harness.mkdir()
+    (harness / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    (harness / "run_ctquant.py").write_text(  # as the console script: workers import it, hence the guard
+        "from ctquant.cli import main\nif __name__ == \"__main__\":\n    main()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CTQUANT_TEST_STALL_DIR")}
+    env.update(PYTHONPATH=str(harness), CTQUANT_TEST_PACKAGE=str(Path(ctquant.__file__).resolve().parent))
+    if stall is not None:
+        env["CTQUANT_TEST_STALL_DIR"] = str(stall)
+    work = tmp_path / "work"
+    (work / "ctquant").mkdir(parents=True)
+    return harness / "run_ctquant.py", env, work
+
+
+def test_two_workers_run_from_a_folder_that_holds_a_ctquant_folder(scans, reference, tmp_path):
+    runner, env, work = _harness(tmp_path)
+    manifest = write_manifest(work / "m.csv", [
+        {"subject_id": "P1", "timepoint": tp, "input": str(scans / "dicom" / f"P1_{tp}")} for tp in ("baseline", "day14")])
+    proc = subprocess.run([sys.executable, str(runner), "batch", "m.csv", "--out", "out", "--workers", "2",
+                           "--method", "hu", "--device", "cpu", "--no-endpoints"],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "cannot import name" not in proc.stderr and "2 quantified, 0 skipped (current), 0 failed" in proc.stderr
+    table, ref = cohort(work / "out"), cohort(reference)
+    assert list(table["status"]) == ["ok", "ok"]
+    assert_same(table[MEASURE_COLUMNS], ref[MEASURE_COLUMNS].iloc[:2])
+
+
+def _session_processes(sid: int) -> list[int]:
+    import psutil
+
+    alive = []
+    for pid in psutil.pids():
+        try:
+            if os.getsid(pid) == sid and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except (OSError, psutil.Error):
+            pass
+    return alive
+
+
+def test_ctrl_c_stops_a_parallel_batch_at_once_and_cleanly(scans, reference, tmp_path):
+    """Three real SIGINTs to the process group (what Ctrl-C does in a terminal) while two workers are
+    mid-scan: one line, exit 130, no process left, nothing half-written, and a re-run resumes."""
+    stall = tmp_path / "stalled"
+    stall.mkdir()
+    runner, env, work = _harness(tmp_path, stall)
+    out = work / "out"
+    proc = subprocess.Popen([sys.executable, str(runner), "batch", str(scans / "manifest.csv"), "--out", str(out),
+                             "--workers", "2", "--method", "hu", "--device", "cpu", "--no-endpoints"],
+                            cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(stall.iterdir())) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert len(list(stall.iterdir())) == 2, "two P2 scans should be stalled in two workers"
+        before = _session_processes(proc.pid)
+        assert len(before) >= 4  # ctquant, forkserver, two workers (and the resource tracker)
+        t0 = time.monotonic()
+        for _ in range(3):
+            os.killpg(proc.pid, signal.SIGINT)
+            time.sleep(0.3)
+        rc = proc.wait(timeout=60)
+        seconds = time.monotonic() - t0
+        output = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert rc == 130, output
+    assert seconds < 10, f"took {seconds:.1f} s to stop"
+    lines = output.strip().splitlines()
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert [line for line in lines if not line.startswith("ctquant batch: ")] == [lines[-1]], output
+    assert lines[-1] == (f"ctquant: error: {out}: interrupted: 2 of 4 scan(s) finished, the others cancelled; "
+                         "run the same command again to resume")
+    deadline = time.monotonic() + 10
+    while _session_processes(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _session_processes(proc.pid) == [], "processes left behind"
+    for tp in ("baseline", "day14"):
+        assert (out / "scans" / "P1" / tp / "measures.json").is_file()
+    assert not (out / "scans" / "P2").exists() or not any((out / "scans" / "P2").iterdir())
+    assert not (out / ".batch.lock").exists() and not list(out.rglob(".*tmp*"))
+    again = run_batch(scans / "manifest.csv", out, method="hu", device="cpu", endpoints=False)
+    assert [r.status for r in again.records] == ["skipped", "skipped", "ok", "ok"]
+    assert_same(cohort(out)[MEASURE_COLUMNS], cohort(reference)[MEASURE_COLUMNS])

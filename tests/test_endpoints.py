@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -533,7 +534,7 @@ def test_endpoints_cli_end_to_end(tmp_path, monkeypatch):
     assert "bilateral_ggo_reduction" in result.output
     assert len(fake.calls) == len(values) == 29  # the batch quantifies every manifest row (day 2 too)
 
-    cohort_table = {r["endpoint"]: r for r in read_csv(out / "endpoints.csv")}
+    cohort_table = {r["endpoint"]: r for r in read_csv(out / "endpoints" / "endpoints.csv")}
     ggo = cohort_table["bilateral_ggo_reduction"]
     assert (ggo["n_subjects"], ggo["n_evaluable"], ggo["n_reduction"]) == ("10", "8", "4")
     lo, hi = exact_cp(4, 8)
@@ -549,7 +550,7 @@ def test_endpoints_cli_end_to_end(tmp_path, monkeypatch):
     assert (infl["n_evaluable"], infl["n_reduction"]) == ("9", "4")
     assert "S10: no day14 scan in the manifest" == infl["not_evaluable"]
 
-    subjects = read_csv(out / "subjects.csv")
+    subjects = read_csv(out / "endpoints" / "subjects.csv")
     assert len(subjects) == 2 * 10
     by = {(r["endpoint"], r["subject_id"]): r for r in subjects}
     s03 = by[("bilateral_ggo_reduction", "S03")]
@@ -566,7 +567,7 @@ def test_endpoints_cli_end_to_end(tmp_path, monkeypatch):
     scans = out.resolve() / "scans"
     assert by[("bilateral_ggo_reduction", "S01")]["from_result"] == str(scans / "S01" / "baseline" / "measures.json")
 
-    doc = json.loads((out / "endpoints.json").read_text())
+    doc = json.loads((out / "endpoints" / "endpoints.json").read_text())
     assert doc["failures"] == [] and doc["mismatch"] == []
     summary = {s["endpoint"]: s for s in doc["endpoints"]}["bilateral_ggo_reduction"]
     assert summary["ci95"] == pytest.approx(list(exact_cp(4, 8)), abs=1e-10)
@@ -576,8 +577,8 @@ def test_endpoints_cli_end_to_end(tmp_path, monkeypatch):
     assert {s["status"] for s in prov["scans"]} == {"ok"} and len(prov["scans"]) == 29
 
     for name in ("bilateral_ggo_reduction", "bilateral_infiltration_reduction"):
-        assert_png(out / f"trajectory_{name}.png")
-        assert_png(out / f"waterfall_{name}.png")
+        assert_png(out / "endpoints" / f"trajectory_{name}.png")
+        assert_png(out / "endpoints" / f"waterfall_{name}.png")
     # the batch's own outputs, in the same folder
     assert read_csv(out / "failures.csv") == []
     assert len(read_csv(out / "cohort.csv")) == 29 and (out / "batch.json").is_file()
@@ -621,7 +622,7 @@ def test_yaml_added_endpoint_is_picked_up(tmp_path, monkeypatch):
     out = tmp_path / "out"
     result = endpoints_cli(manifest, out, "--config", str(config))
     assert result.exit_code == 0, result.output
-    cohort_table = {r["endpoint"]: r for r in read_csv(out / "endpoints.csv")}
+    cohort_table = {r["endpoint"]: r for r in read_csv(out / "endpoints" / "endpoints.csv")}
     assert set(cohort_table) == {"bilateral_ggo_reduction", "bilateral_infiltration_reduction",
                                  "early_consolidation_volume", "ggo_day2_each_lung"}
     # consolidation is 0.5 % at every time point: no participant reduces it
@@ -630,9 +631,9 @@ def test_yaml_added_endpoint_is_picked_up(tmp_path, monkeypatch):
     # GGO baseline → day 2, each lung: S01 (10, 8) → (9, 7) no; S02 (6, 6) → (6, 6) no; S06 (3, 3) → (1, 1) yes
     each = cohort_table["ggo_day2_each_lung"]
     assert (each["to"], each["evaluate"], each["n_evaluable"], each["n_reduction"]) == ("day2", "each", "3", "1")
-    assert_png(out / "waterfall_early_consolidation_volume.png")
-    assert_png(out / "trajectory_ggo_day2_each_lung.png")
-    doc = json.loads((out / "endpoints.json").read_text())
+    assert_png(out / "endpoints" / "waterfall_early_consolidation_volume.png")
+    assert_png(out / "endpoints" / "trajectory_ggo_day2_each_lung.png")
+    doc = json.loads((out / "endpoints" / "endpoints.json").read_text())
     assert doc["provenance"]["endpoints_config"] == str(config)
     assert doc["provenance"]["endpoints_config_sha256"] != E.load_endpoints().sha256
 
@@ -651,11 +652,11 @@ def test_endpoints_reports_failed_scans_and_a_rerun_retries_only_them(tmp_path, 
     failures = read_csv(out / "failures.csv")
     assert [(f["subject_id"], f["timepoint"], f["exit_code"], f["category"], f["reason"]) for f in failures] == [
         ("S02", "baseline", "3", "InputError", "not a CT series")]
-    ggo = {r["endpoint"]: r for r in read_csv(out / "endpoints.csv")}["bilateral_ggo_reduction"]
+    ggo = {r["endpoint"]: r for r in read_csv(out / "endpoints" / "endpoints.csv")}["bilateral_ggo_reduction"]
     assert (ggo["n_evaluable"], ggo["n_reduction"]) == ("2", "2")
     assert "S02: baseline scan failed: not a CT series" in ggo["not_evaluable"]
-    doc = json.loads((out / "endpoints.json").read_text())
-    assert doc["failures"] == [{"subject_id": "S02", "timepoint": "baseline", "input": fake.calls[3]["input"],
+    doc = json.loads((out / "endpoints" / "endpoints.json").read_text())
+    assert doc["failures"] == [{"subject_id": "S02", "timepoint": "baseline", "manifest_line": 5,
                                 "exit_code": 3, "category": "InputError", "reason": "not a CT series"}]
 
     # a second run reuses the batch's current results and retries only the failed scan
@@ -666,9 +667,9 @@ def test_endpoints_reports_failed_scans_and_a_rerun_retries_only_them(tmp_path, 
     assert [(c["subject_id"], c["timepoint"]) for c in fake.calls] == [("S02", "baseline")]
     assert read_csv(out / "failures.csv") == []
     statuses = {(s["subject_id"], s["timepoint"]): s["status"]
-                for s in json.loads((out / "endpoints.json").read_text())["provenance"]["scans"]}
+                for s in json.loads((out / "endpoints" / "endpoints.json").read_text())["provenance"]["scans"]}
     assert statuses[("S02", "baseline")] == "ok" and statuses[("S01", "day14")] == "skipped"
-    ggo = {r["endpoint"]: r for r in read_csv(out / "endpoints.csv")}["bilateral_ggo_reduction"]
+    ggo = {r["endpoint"]: r for r in read_csv(out / "endpoints" / "endpoints.csv")}["bilateral_ggo_reduction"]
     assert (ggo["n_evaluable"], ggo["n_reduction"]) == ("3", "3")
 
 
@@ -680,12 +681,12 @@ def test_endpoints_refuses_mixed_models_in_cohort(tmp_path, monkeypatch):
     result = endpoints_cli(manifest, out)
     assert result.exit_code == 9, result.output
     assert "--allow-mismatch" in result.output
-    assert not (out / "endpoints.csv").exists()
+    assert not (out / "endpoints" / "endpoints.csv").exists()
     result = endpoints_cli(manifest, out, "--allow-mismatch")
     assert result.exit_code == 0, result.output
-    doc = json.loads((out / "endpoints.json").read_text())
+    doc = json.loads((out / "endpoints" / "endpoints.json").read_text())
     assert len(doc["mismatch"]) == 2 and doc["provenance"]["allow_mismatch"] is True
-    s02 = [r for r in read_csv(out / "subjects.csv") if r["subject_id"] == "S02"][0]
+    s02 = [r for r in read_csv(out / "endpoints" / "subjects.csv") if r["subject_id"] == "S02"][0]
     assert s02["mismatch"] == "model_sha256"
 
 
@@ -759,18 +760,136 @@ def test_endpoints_on_real_phantom_scans(tmp_path):
     for sid in ("P1", "P2"):
         for tp in ("baseline", "day14"):
             assert (out / "scans" / sid / tp / "measures.json").is_file()
-    table = read_csv(out / "endpoints.csv")
+    table = read_csv(out / "endpoints" / "endpoints.csv")
     assert [(r["endpoint"], r["n_subjects"]) for r in table] == [
         ("bilateral_ggo_reduction", "2"), ("bilateral_infiltration_reduction", "2")]
-    subjects = read_csv(out / "subjects.csv")
+    subjects = read_csv(out / "endpoints" / "subjects.csv")
     assert {r["days_between"] for r in subjects} == {"14"}
     assert {r["verdict"] for r in subjects} == {"reduction"}  # the phantom's lesions shrink by day 14 (~ −50 %)
     assert all(r["from_result"].startswith(str(out.resolve() / "scans")) for r in subjects)
-    assert {s["status"] for s in json.loads((out / "endpoints.json").read_text())["provenance"]["scans"]} == {"ok"}
-    assert_png(out / "waterfall_bilateral_ggo_reduction.png")
-    before = (out / "endpoints.csv").read_text()
+    assert {s["status"] for s in json.loads((out / "endpoints" / "endpoints.json").read_text())["provenance"]["scans"]} == {"ok"}
+    assert_png(out / "endpoints" / "waterfall_bilateral_ggo_reduction.png")
+    before = (out / "endpoints" / "endpoints.csv").read_text()
 
     result = endpoints_cli(manifest, out)  # resumable: nothing to quantify, same answer
     assert result.exit_code == 0, result.output
     assert "0 scan(s) to quantify, 4 current result(s) skipped" in result.output
-    assert (out / "endpoints.csv").read_text() == before
+    assert (out / "endpoints" / "endpoints.csv").read_text() == before
+
+
+# --------------------------------------------------------------------------------------------------
+# Groups, one report folder, manifest checks, privacy (issue 16)
+
+
+def test_group_by_arm_gives_each_arm_its_table_and_plots(tmp_path, monkeypatch):
+    manifest, values = cohort(tmp_path, **HU)
+    FakePipeline(values).install(monkeypatch)
+    out = tmp_path / "out"
+    result = endpoints_cli(manifest, out, "--group-by", "arm")
+    assert result.exit_code == 0, result.output
+    table = {(r["endpoint"], r["group"]): r for r in read_csv(out / "endpoints" / "endpoints.csv")}
+    # GGO: active S01 S03 S05 reduce, S07 not, S09 not evaluable; placebo S02 reduces, S04 S06 S08 not, S10 n.e.
+    for group, k, n in (("all", 4, 8), ("arm=active", 3, 4), ("arm=placebo", 1, 4)):
+        row = table[("bilateral_ggo_reduction", group)]
+        assert (int(row["n_evaluable"]), int(row["n_reduction"]), int(row["n_subjects"])) == (n, k, 5 if group != "all" else 10)
+        lo, hi = exact_cp(k, n)
+        assert float(row["ci95_low_pct"]) == pytest.approx(100 * lo, abs=0.006)
+        assert float(row["ci95_high_pct"]) == pytest.approx(100 * hi, abs=0.006)
+    assert "S09: not bilateral at baseline" in table[("bilateral_ggo_reduction", "arm=active")]["not_evaluable"]
+    assert "S09" not in table[("bilateral_ggo_reduction", "arm=placebo")]["not_evaluable"]
+    doc = json.loads((out / "endpoints" / "endpoints.json").read_text())
+    assert doc["group_by"] == "arm" and {g["group_value"] for g in doc["groups"]} == {"active", "placebo"}
+    for name in ("bilateral_ggo_reduction", "bilateral_infiltration_reduction"):
+        for suffix in ("", "_arm-active", "_arm-placebo"):
+            assert_png(out / "endpoints" / f"trajectory_{name}{suffix}.png")
+            assert_png(out / "endpoints" / f"waterfall_{name}{suffix}.png")
+    assert "arm=placebo" in result.output  # console table too
+    bad = endpoints_cli(manifest, tmp_path / "o2", "--group-by", "ward")
+    assert bad.exit_code == 3 and "--group-by ward: no such manifest column (extra columns: arm, site)" in bad.output
+    assert not (tmp_path / "o2").exists()  # refused before any work
+
+
+def test_endpoints_and_batch_on_one_folder_write_one_report(tmp_path, monkeypatch):
+    from ctquant.reports import render_cohort_report
+
+    manifest, values = cohort(tmp_path, ("S01", "S02", "S03"), **HU)
+    FakePipeline(values).install(monkeypatch)
+    out = tmp_path / "out"
+    assert runner.invoke(app, ["batch", str(manifest), "--out", str(out), "--method", "hu",
+                               "--device", "cpu"]).exit_code == 0
+    assert endpoints_cli(manifest, out).exit_code == 0
+    assert (out / "endpoints" / "endpoints.csv").is_file()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(("endpoints.", "subjects.", "trajectory_"))]
+    html = render_cohort_report(out, embed_qc=False)
+    assert html.count("(endpoints.csv)") == 1 and html.count("(subjects.csv)") == 1
+    # a folder written by an older ctquant (a copy at the top as well): the report still shows one
+    shutil.copy(out / "endpoints" / "endpoints.csv", out / "endpoints.csv")
+    assert render_cohort_report(out, embed_qc=False).count("(endpoints.csv)") == 1
+
+
+def test_manifest_time_point_spellings_are_warned_and_unified(tmp_path, monkeypatch, caplog):
+    values = {("S1", "baseline"): measures(sid="S1", **HU), ("S1", "day_14"): measures(sid="S1", tp="day_14", **HU)}
+    fake = FakePipeline(values).install(monkeypatch)
+    for name in ("b", "f"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "IM1").write_text(name)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("subject_id,timepoint,input\nS1,baseline,b\nS1,day 14,f\n")
+    out = tmp_path / "out"
+    result = endpoints_cli(manifest, out)
+    assert result.exit_code == 0, result.output
+    assert "manifest time point 'day 14' is used by no endpoint (they use baseline, day14); did you mean 'day14'?" \
+        in result.output
+    assert "manifest time point 'day 14' is written 'day_14' in folders and tables" in result.output
+    assert [c["timepoint"] for c in fake.calls] == ["baseline", "day_14"]
+    assert [r["timepoint"] for r in read_csv(out / "cohort.csv")] == ["baseline", "day_14"]  # as the folders
+    assert (out / "scans" / "S1" / "day_14" / "measures.json").is_file()
+    assert {r["reason"] for r in read_csv(out / "endpoints" / "subjects.csv")} == {"no day14 scan in the manifest"}
+
+
+def test_one_scan_under_two_rows_is_refused_unless_allowed(tmp_path, monkeypatch):
+    values = {(s, tp): measures(sid=s, tp=tp, **HU) for s in ("S1", "S2") for tp in ("baseline", "day14")}
+    fake = FakePipeline(values).install(monkeypatch)
+    for name in ("a", "b", "c", "d"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "IM1").write_text(name)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("subject_id,timepoint,input\nS1,baseline,a\nS1,day14,b\nS2,baseline,a\nS2,day14,d\n")
+    result = endpoints_cli(manifest, tmp_path / "out")
+    assert result.exit_code == 3
+    assert "the same input is listed as S1/baseline and S2/baseline" in result.output
+    assert fake.calls == [] and not (tmp_path / "out" / "scans").exists()  # refused before any work
+    allowed = endpoints_cli(manifest, tmp_path / "out", "--allow-duplicate-scans")
+    assert allowed.exit_code == 0 and "(allowed)" in allowed.output
+    # different folders, but the results name the same SeriesInstanceUID: found after quantifying
+    values[("S2", "day14")]["provenance"]["series_instance_uid"] = values[("S1", "day14")]["provenance"]["series_instance_uid"]
+    manifest.write_text("subject_id,timepoint,input\nS1,baseline,a\nS1,day14,b\nS2,baseline,c\nS2,day14,d\n")
+    out = tmp_path / "out3"
+    result = runner.invoke(app, ["batch", str(manifest), "--out", str(out), "--method", "hu", "--device", "cpu"])
+    assert result.exit_code == 3 and "the same SeriesInstanceUID is listed as S1/day14 and S2/day14" in result.output
+    assert (out / "cohort.csv").is_file() and not (out / "endpoints").exists()
+
+
+def test_input_paths_are_only_in_inputs_csv(tmp_path, monkeypatch):
+    """Folder names often carry patient names: none of the shareable outputs holds an input path."""
+    values = {(s, tp): measures(sid=s, tp=tp, **HU) for s in ("S1", "S2") for tp in ("baseline", "day14")}
+    fake = FakePipeline(values, fail={("S2", "day14")}).install(monkeypatch)
+    root = tmp_path / "Doe_Jane_1960"
+    rows = ["subject_id,timepoint,input"]
+    for sid, tp in values:
+        (root / f"{sid}{tp}").mkdir(parents=True)
+        (root / f"{sid}{tp}" / "IM1").write_text(sid + tp)
+        rows.append(f"{sid},{tp},{root / (sid + tp)}")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    result = endpoints_cli(manifest, out)
+    assert result.exit_code == 8, result.output
+    assert len(fake.calls) == 4
+    leaks = [p.relative_to(out) for p in out.rglob("*") if p.is_file() and p.suffix in (".csv", ".json", ".html", ".log")
+             and "Doe_Jane" in p.read_text(errors="replace")]
+    assert leaks == [Path("inputs.csv")]
+    assert [r["input"] for r in read_csv(out / "inputs.csv")] == [str(root / f"{s}{tp}") for s, tp in values]
+    failure = read_csv(out / "failures.csv")[0]
+    assert (failure["subject_id"], failure["manifest_line"], failure["reason"]) == ("S2", "5", "not a CT series")
+    assert read_csv(out / "cohort.csv")[0]["output_dir"] == "scans/S1/baseline"

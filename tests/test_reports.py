@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 from html import unescape
 import json
@@ -347,5 +348,71 @@ def test_reports_render_in_chromium(tmp_path, quantified):
         assert shot.std() > 25, f"{name} report screenshot is blank"
         # The embedded QC montage renders: a large dark (black background) area with contour colours.
         dark = np.all(shot < 40, axis=-1)
-        assert dark.mean() > 0.05, f"{name}: QC image not shown"
+        # (the cohort report shows 640-px thumbnails linked to the full image: a smaller dark area)
+        assert dark.mean() > (0.05 if name == "scan" else 0.02), f"{name}: QC image not shown"
         assert colour_mask(shot, COLOURS["right_lung"], tol=50).sum() > 20
+
+
+# --------------------------------------------------------------------------------------------------
+# Readable QC pictures, small cohort reports, unclipped plot titles (issue 16)
+
+
+def big_png(size=(2090, 968), seed=0) -> bytes:
+    """A QC-montage-sized PNG with texture (so that JPEG sizes are realistic)."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((size[1], size[0], 3), np.uint8)
+    image[:, :, :] = rng.integers(0, 255, (size[1] // 8 + 1, size[0] // 8 + 1, 1), np.uint8).repeat(8, 0).repeat(8, 1)[
+        : size[1], : size[0]]
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _embedded_images(html: str, mime: str) -> list[Image.Image]:
+    return [Image.open(io.BytesIO(base64.b64decode(data)))
+            for data in re.findall(rf"data:{mime};base64,([A-Za-z0-9+/=]+)", html)]
+
+
+def test_cohort_report_embeds_thumbnails_linked_to_the_full_image(tmp_path):
+    root = _results_tree(tmp_path / "results")
+    for qc in root.glob("scans/*/*/qc.png"):
+        qc.write_bytes(big_png())
+    html = write_cohort_report(root, tmp_path / "elsewhere" / "cohort.html").read_text()
+    thumbs = _embedded_images(html, "image/jpeg")
+    assert len(thumbs) == 3 and all(t.width <= 640 for t in thumbs)
+    per_scan = sum(len(m) for m in re.findall(r"data:image/jpeg;base64,[A-Za-z0-9+/=]+", html)) / 3
+    assert per_scan < 120_000  # was ~300 KB per scan (1600 px JPEG)
+    links = re.findall(r'<a href="([^"#]+qc\.png)"', html)
+    assert links and all((tmp_path / "elsewhere" / link).resolve().is_file() for link in links)
+    assert "../results/scans/S02/baseline/qc.png" in links
+
+
+def test_scan_report_qc_image_enlarges_and_links_the_file():
+    png = big_png()
+    html = render_scan_report(synthetic_measures(), png)
+    assert_self_contained(html)
+    full = _embedded_images(html, "image/png")
+    assert [im.size for im in full] == [(2090, 968)]  # the full image, shown fitted, enlarged on a click
+    assert 'class="zoom" id="zoom-scan"' in html and '<label for="zoom-scan"' in html
+    assert "input.zoom:checked + label img { max-width: none; }" in html
+    assert '<a href="qc.png">' in html
+
+
+@pytest.mark.parametrize("n_subjects", [1, 3, 12])
+def test_endpoint_plot_titles_and_labels_are_not_clipped(tmp_path, n_subjects):
+    from ctquant import endpoints as E
+
+    rows = [{"subject_id": f"S{i:02d}", "evaluable": True, "reduction": i % 2 == 0,
+             "verdict": "reduction" if i % 2 == 0 else "no reduction", "both_from": 10.0, "both_to": 5.0 + i,
+             "both_rel_change_pct": -50.0 + 5 * i, "both_abs_change": -5.0 + 0.5 * i} for i in range(n_subjects)]
+    for ep in E.load_endpoints().endpoints:
+        for plot in (E.plot_waterfall, E.plot_trajectories):
+            fig = plot(rows, ep, tmp_path / "p.png", group="arm=placebo")
+            renderer = fig.canvas.get_renderer()
+            width, height = fig.bbox.width, fig.bbox.height
+            for ax in fig.axes:
+                for text in (ax.title, ax.yaxis.label):
+                    if text.get_text():
+                        box = text.get_window_extent(renderer)
+                        assert box.x0 >= -0.5 and box.x1 <= width + 0.5 and box.y0 >= -0.5 and box.y1 <= height + 0.5, \
+                            f"{plot.__name__} {ep.name}: {text.get_text()!r} clipped ({box} in {width}x{height})"
