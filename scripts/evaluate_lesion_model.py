@@ -431,8 +431,9 @@ def accuracy_card(val: dict, spec: dict, cv: dict | None = None) -> dict:
                       "specificity": (f"HU bands on the same held-out scan(s) without pneumonia: up to "
                                       f"{worst(hu_figures, 'ggo_pct_max_lung'):.1f} % GGO and "
                                       f"{worst(hu_figures, 'consolidation_pct_max_lung'):.1f} % consolidation of "
-                                      "a lung, from dependent lung, partial volume and noise: small HU-band "
-                                      "percentages are not disease.")}
+                                      "a lung with no pneumonia there (dependent lung, partial volume, noise): "
+                                      "HU-band figures up to that level are not evidence of disease. "
+                                      "Measured with configs/quantify.yaml as it was then; re-record after changing it.")}
     return card
 
 
