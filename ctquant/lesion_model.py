@@ -253,6 +253,24 @@ def lung_crop_box(lung_mask: np.ndarray, margin_fraction: float = DEFAULT_CROP_M
     return (slice(int(zs[0]), int(zs[-1]) + 1), box[0], box[1])
 
 
+def lung_slice_crops(hu: np.ndarray, lung_mask: np.ndarray, window_hu: tuple[float, float] = DEFAULT_HU_WINDOW,
+                     margin_fraction: float = DEFAULT_CROP_MARGIN_FRACTION
+                     ) -> tuple[np.ndarray, tuple[slice, slice, slice] | None, np.ndarray]:
+    """The product's model inputs of an HU volume: (z indices, crop box, unit crops (n, h, w) float32).
+
+    The slices holding lung, each cut to the volume's lung bounding box (:func:`lung_crop_box`) and
+    mapped through :func:`hu_to_unit`; used by :func:`segment_lesions` and to build training
+    negatives from real scans exactly as the product sees them.
+    """
+    lung = np.asarray(lung_mask) > 0
+    box = lung_crop_box(lung, margin_fraction)
+    if box is None:
+        return np.zeros(0, dtype=np.int64), None, np.zeros((0, 0, 0), dtype=np.float32)
+    z_box, y_box, x_box = box
+    zs = np.flatnonzero(lung[z_box].any(axis=(1, 2))) + z_box.start
+    return zs, box, hu_to_unit(np.asarray(hu)[zs, y_box, x_box], window_hu)
+
+
 def segment_lesions(hu: np.ndarray, lung_mask: np.ndarray, model: LesionModel, batch_size: int = 16,
                     margin_fraction: float = DEFAULT_CROP_MARGIN_FRACTION) -> np.ndarray:
     """GGO (1) and consolidation (2) labels (z, y, x) uint8 of an HU volume, zero outside ``lung_mask``.

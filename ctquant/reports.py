@@ -153,6 +153,33 @@ def _now() -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+# -- how far to trust the lesion numbers: the measured accuracy recorded in the model card metadata ---
+def lesion_accuracy_lines(method: str | None, model_sha256: str | None,
+                          metadata_path: str | Path | None = None) -> list[str]:
+    """Plain-text lines on the measured accuracy of this scan's lesion method.
+
+    Read from ``ctquant_accuracy`` in ``configs/metadata.json`` (written with the model card); the
+    model's figures are shown only when ``model_sha256`` is the checkpoint they were measured on.
+    """
+    from .config import CONFIG_DIR
+
+    try:
+        card = json.loads(Path(metadata_path or CONFIG_DIR / "metadata.json").read_text()).get("ctquant_accuracy") or {}
+    except (OSError, ValueError):
+        card = {}
+    if method == "model":
+        acc = card.get("model") or {}
+        if not acc or not model_sha256 or card.get("model_sha256") != model_sha256:
+            return ["No measured accuracy is recorded for this lesion model file (its SHA-256 differs from the "
+                    "model card's): treat the GGO and consolidation figures as unvalidated."]
+        lines = [acc["validation"], acc.get("cross_validation"), acc.get("specificity")]
+    elif method == "hu":
+        lines = [(card.get("hu") or {}).get("specificity")]
+    else:
+        lines = []
+    return [line for line in lines if line] + ([card["see"]] if lines and card.get("see") else [])
+
+
 def scan_context(measures: dict[str, Any], qc_png: bytes | str | Path | None = None, *,
                  jpeg: bool = False, relpath: str = "", anchor: str = "scan") -> dict[str, Any]:
     """The template variables of one scan (numbers formatted, provenance listed, QC image embedded).
@@ -225,6 +252,7 @@ def scan_context(measures: dict[str, Any], qc_png: bytes | str | Path | None = N
         "relpath": relpath,
         "anchor": anchor,
         "signature": (measures.get("method"), prov.get("model_sha256"), prov.get("config_sha256")),
+        "accuracy": lesion_accuracy_lines(measures.get("method") or prov.get("method"), prov.get("model_sha256")),
     }
 
 
