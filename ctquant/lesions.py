@@ -17,7 +17,7 @@ from .lungs import block_majority, block_mean, upsample_blocks
 GGO, CONSOLIDATION = 1, 2
 #: Keywords of :func:`segment_lesions_hu` that ``configs/quantify.yaml`` sets under ``vessel_removal``.
 VESSEL_SETTINGS = ("min_consolidation_thickness_mm", "vessel_min_hu", "vessel_sigma_mm", "context_sigma_mm",
-                   "min_ggo_share", "min_component_ml")
+                   "min_ggo_share", "min_component_ml", "smooth_sigma_mm", "min_ggo_thickness_mm", "ggo_above_normal_sd")
 
 
 def opening_mm(mask: np.ndarray, spacing_mm: tuple[float, float, float], diameter_mm: float,
@@ -74,7 +74,8 @@ def segment_lesions_hu(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tupl
                        min_consolidation_thickness_mm: float = 8.0,
                        vessel_min_hu: float = 20.0, vessel_sigma_mm: float = 2.0,
                        context_sigma_mm: float = 3.0, min_ggo_share: float = 0.5,
-                       min_component_ml: float = 0.05) -> np.ndarray:
+                       min_component_ml: float = 0.05, smooth_sigma_mm: float = 0.0,
+                       min_ggo_thickness_mm: float = 0.0, ggo_above_normal_sd: float = 0.0) -> np.ndarray:
     """GGO and consolidation from HU bands inside the lungs, vessels told apart from consolidation.
 
     Voxels in the consolidation band are dense: consolidation, but also vessels, bronchial walls and
@@ -88,7 +89,15 @@ def segment_lesions_hu(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tupl
       (``context_sigma_mm``): consolidation in viral pneumonia sits in ground glass, vessels run
       through aerated lung.
 
-    Components smaller than ``min_component_ml`` are dropped. Known limits: vessels crossing ground
+    Dense voxels are found on HU smoothed in-plane with a Gaussian of ``smooth_sigma_mm`` (sharp-kernel
+    noise of ±50 HU would push consolidation out of its band). Against false ground glass in normal
+    lungs, ground glass must be at least
+    ``min_ggo_thickness_mm`` thick (an opening: the partial-volume shells around vessels, fissures and
+    the pleura are one or two voxels thick), and denser than this scan's normal lung by
+    ``ggo_above_normal_sd`` of its spread (:func:`normal_lung_hu`; ground glass is increased density
+    relative to normal lung, and a shallow breath or a basal scan puts normal lung near -750 HU, where
+    the fixed band would call a quarter of it ground glass). Components smaller than ``min_component_ml`` are
+    dropped. Known limits: vessels crossing ground
     glass count as consolidation where they are lighter than ``vessel_min_hu``; consolidation denser
     than ``vessel_min_hu`` (unenhanced, fluid-filled) is missed.
     """
@@ -97,10 +106,20 @@ def segment_lesions_hu(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tupl
         return labels
     box = ndi.find_objects((lung_labels > 0).astype(np.uint8))[0]
     hu, lung = hu[box], lung_labels[box] > 0
-    ggo = lung & (hu >= ggo_band_hu[0]) & (hu < ggo_band_hu[1])
-    dense = lung & (hu >= consolidation_band_hu[0]) & (hu < consolidation_band_hu[1])
+    hu_dense = hu
+    if smooth_sigma_mm > 0:
+        hu_dense = ndi.gaussian_filter(hu.astype(np.float32), [0.0] + [smooth_sigma_mm / s for s in spacing_mm[1:]])
+    ggo_min_hu = ggo_band_hu[0]
+    if ggo_above_normal_sd > 0:
+        mode_hu, sd_hu = normal_lung_hu(hu[lung])
+        ggo_min_hu = max(ggo_min_hu, mode_hu + ggo_above_normal_sd * sd_hu)
+    ggo = lung & (hu >= ggo_min_hu) & (hu < ggo_band_hu[1])
+    if min_ggo_thickness_mm > 0:
+        ggo = opening_mm(ggo, spacing_mm, min_ggo_thickness_mm)
+    dense = lung & (hu_dense >= consolidation_band_hu[0]) & (hu_dense < consolidation_band_hu[1])
+    ggo &= ~dense
     if dense.any():
-        light = dense & (local_mean(hu, dense, spacing_mm, vessel_sigma_mm) < vessel_min_hu)
+        light = dense & (local_mean(hu_dense, dense, spacing_mm, vessel_sigma_mm) < vessel_min_hu)
         aerated = lung & ~dense
         ggo_share = local_mean(ggo, aerated, spacing_mm, context_sigma_mm)
         consolidation = opening_mm(light, spacing_mm, min_consolidation_thickness_mm) | (
@@ -112,6 +131,17 @@ def segment_lesions_hu(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tupl
     inner[remove_small(ggo, min_component_ml / voxel_ml)] = GGO
     inner[remove_small(consolidation, min_component_ml / voxel_ml)] = CONSOLIDATION
     return labels
+
+
+def normal_lung_hu(lung_hu: np.ndarray, aerated_max_hu: float = -600.0) -> tuple[float, float]:
+    """Typical density and spread (HU) of this scan's normal lung: the median of the lung voxels below
+    ``aerated_max_hu`` and a robust SD from their lower quartile (the side that ground glass and
+    vessels do not reach)."""
+    aerated = lung_hu[lung_hu < aerated_max_hu]
+    if aerated.size < 1000:
+        return -850.0, 0.0
+    median, lower_quartile = np.percentile(aerated, [50, 25])
+    return float(median), float((median - lower_quartile) / 0.6745)
 
 
 def remove_small(mask: np.ndarray, min_voxels: float) -> np.ndarray:

@@ -115,6 +115,9 @@ def analyse_scan(scan: Scan, *, method: str = "model", device: str = "cpu", conf
     t0 = time.perf_counter()
     lung_labels = segment_lungs(scan.hu, scan.spacing_mm)
     timings["lungs"] = time.perf_counter() - t0
+    if not lung_labels.any():
+        raise InputError("no lung found in the scan (an abdominal or non-chest series?): nothing to quantify",
+                         scan.meta.get("input"))
     progress(f"segmenting lesions ({method})")
     t0 = time.perf_counter()
     model_info: dict[str, Any] = {"model_file": None, "model_sha256": None}

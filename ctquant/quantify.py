@@ -73,7 +73,7 @@ def quality_flags(lung_labels: np.ndarray, measures: dict[str, dict[str, float]]
     flags = []
     bounds = config.get("plausibility", {})
     total = measures["both"]["lung_volume_ml"]
-    if total < bounds.get("min_lung_volume_ml", 1000) or total > bounds.get("max_lung_volume_ml", 10000):
+    if total < bounds.get("min_lung_volume_ml", 1500) or total > bounds.get("max_lung_volume_ml", 9000):
         flags.append(f"implausible_lung_volume: {total:.0f} mL")
     for side, label in (("right", RIGHT), ("left", LEFT)):
         if measures[side]["lung_volume_ml"] == 0:

@@ -1,18 +1,22 @@
 #!/usr/bin/env python3
 """Measure the lung segmentation: Dice and HD95 per lung (right, left) and for both lungs.
 
-Two modes:
+Three modes:
 
+- ``--real`` runs every scan of ``../shared/data/real-ct`` that has a reference lung mask, and the
+  hybrids made from each (pneumonia painted in, :mod:`ctquant.hybrid`, moderate and severe, seed
+  ``--hybrid-seed``): Dice (both, right, left), volume error, leak (lung volume outside the reference,
+  % of it), and for hybrids the share of painted consolidation inside the lung mask and the
+  ``--method hu`` GGO and consolidation volume errors (shipped ``configs/quantify.yaml``);
 - ``--pred P.nii.gz --ref R.nii.gz`` compares two label files (1 right, 2 left; any format SimpleITK
   reads), e.g. ``ctquant quantify`` output against a reference mask;
 - ``--phantoms`` generates synthetic chest CTs at several lesion severities (up to heavy,
-  pleura-touching dependent consolidation), segments them and compares with the generator's truth.
-
-Real CT with lung masks: ``../shared/data`` holds none today (its sets carry lesion labels only, on
-8-bit slices); this script says so when asked with ``--real``.
+  pleura-touching dependent consolidation), segments them and compares with the generator's truth
+  (a regression check: the phantom is not evidence of accuracy on real CT).
 
 Examples::
 
+    python scripts/evaluate_lungs.py --real --json real_lungs.json
     python scripts/evaluate_lungs.py --phantoms --severities 0 1 2 3 --seeds 0 1 --json lungs_eval.json
     python scripts/evaluate_lungs.py --pred results/baseline/lungs.nii.gz --ref sample_dicom/truth/baseline_lungs.nii.gz
 """
@@ -74,6 +78,53 @@ def evaluate_phantoms(severities: list[float], seeds: list[int], shape: tuple[in
     return rows
 
 
+#: Real scans with a reference lung mask: name → (scan, reference, reference label → 1 right / 2 left).
+REAL_CASES = {
+    "lung-pet-ct-dx-A0001": ("lung-pet-ct-dx-A0001", "references/lung-pet-ct-dx-A0001_40805_lungs.nii.gz", None),
+    "pancreas-ct-cbct-001": ("pancreas-ct-cbct-001", "references/pancreas-ct-cbct-001_lungs.nii.gz", None),
+    "copdgene-10002K-x8": ("copdgene-10002K-x8/ct-64.nrrd", "copdgene-10002K-x8/lungs_right2_left3.nrrd",
+                           {2: RIGHT, 3: LEFT}),
+}
+
+
+def real_case_rows(name: str, root: Path, hybrid_seed: int) -> list[dict]:
+    """Rows for one real scan and its moderate and severe hybrids."""
+    from ctquant.config import load_quantify_config
+    from ctquant.hybrid import CONSOLIDATION, GGO, paint_pneumonia
+    from ctquant.io import load_scan
+    from ctquant.lesions import VESSEL_SETTINGS, segment_lesions_hu
+
+    scan_rel, ref_rel, mapping = REAL_CASES[name]
+    scan = load_scan(root / scan_rel)
+    ref, _ = read_label_image(root / ref_rel)
+    if mapping:
+        ref = np.select([ref == k for k in mapping], list(mapping.values()), 0)
+    ref = ref.astype(np.uint8)
+    config = load_quantify_config()
+    bands, vessels = config["hu_bands"], config["vessel_removal"]
+    rows = []
+    for severity in (None, "moderate", "severe"):
+        case = paint_pneumonia(scan.hu, ref, scan.spacing_mm, severity=severity, seed=hybrid_seed) if severity else None
+        hu = case.hu if case else scan.hu
+        t0 = time.perf_counter()
+        pred = segment_lungs(hu, scan.spacing_mm)
+        seconds = time.perf_counter() - t0
+        row = {"case": name + (f" + {severity} pneumonia" if severity else ""), "seconds": round(seconds, 2),
+               **lung_scores(pred, ref, scan.spacing_mm),
+               "leak_pct": round(100.0 * np.count_nonzero((pred > 0) & (ref == 0)) / np.count_nonzero(ref), 2)}
+        if case:
+            cons = case.lesion_labels == CONSOLIDATION
+            row["consolidation_kept_pct"] = round(100.0 * np.count_nonzero(cons & (pred > 0)) / np.count_nonzero(cons), 1)
+            lesions = segment_lesions_hu(hu, pred, scan.spacing_mm, ggo_band_hu=tuple(bands["ggo"]),
+                                         consolidation_band_hu=tuple(bands["consolidation"]),
+                                         **{k: float(vessels[k]) for k in VESSEL_SETTINGS if k in vessels})
+            for label, key in ((GGO, "ggo"), (CONSOLIDATION, "consolidation")):
+                truth = np.count_nonzero(case.lesion_labels == label)
+                row[f"hu_{key}_error_pct"] = round(100.0 * (np.count_nonzero(lesions == label) / truth - 1.0), 1)
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pred", type=Path, help="predicted lung labels (1 right, 2 left)")
@@ -83,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--shape", type=int, nargs=3, help="phantom shape z y x (default: the sample's)")
     parser.add_argument("--spacing", type=float, nargs=3, help="phantom spacing z y x mm")
-    parser.add_argument("--real", action="store_true", help="look for real CT with lung masks in ../shared/data")
+    parser.add_argument("--real", action="store_true",
+                        help="real scans with reference lungs in ../shared/data/real-ct, and hybrids made from them")
+    parser.add_argument("--hybrid-seed", type=int, default=1, help="seed of the painted pneumonia (--real)")
     parser.add_argument("--json", type=Path, help="write the rows as JSON here")
     args = parser.parse_args(argv)
 
@@ -101,13 +154,17 @@ def main(argv: list[str] | None = None) -> int:
         rows += evaluate_phantoms(args.severities, args.seeds, tuple(args.shape) if args.shape else None,
                                   tuple(args.spacing) if args.spacing else None)
     if args.real:
-        found = sorted(p for p in SHARED_DATA.glob("*/lungs*") if p.is_dir()) if SHARED_DATA.is_dir() else []
-        if not found:
-            print(f"no real CT with lung masks under {SHARED_DATA} (its sets have lesion labels only)")
+        root = SHARED_DATA / "real-ct"
+        names = [n for n in REAL_CASES if (root / REAL_CASES[n][0]).exists()]
+        if not names:
+            print(f"no real CT with lung masks under {root}", file=sys.stderr)
+            return 3
+        for name in names:
+            rows += real_case_rows(name, root, args.hybrid_seed)
     if not rows:
-        parser.error("nothing to evaluate: give --pred/--ref or --phantoms")
+        parser.error("nothing to evaluate: give --real, --pred/--ref or --phantoms")
 
-    columns = [c for c in rows[0] if c not in ("seed", "severity")]
+    columns = [c for c in dict.fromkeys(k for row in rows for k in row) if c not in ("seed", "severity")]
     print(" | ".join(columns))
     for row in rows:
         print(" | ".join(str(row.get(c, "")) for c in columns))

@@ -1,0 +1,123 @@
+"""Lungs on real CT (../shared/data/real-ct): Dice and leak against reference masks, hybrids with
+pneumonia painted in, image-edge and no-lung cases. Tests needing the shared data skip without it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ctquant.hybrid import CONSOLIDATION, GGO, paint_pneumonia
+from ctquant.io import load_scan, read_label_image
+from ctquant.lungs import LEFT, RIGHT, body_mask, segment_lungs
+from ctquant.quantify import lung_measures, quality_flags
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.count_nonzero(a & b) / max(1, np.count_nonzero(a) + np.count_nonzero(b))
+
+
+def _real(shared_data, scan: str, reference: str, mapping: dict[int, int] | None = None):
+    root = shared_data / "real-ct"
+    if not (root / scan).exists():
+        pytest.skip(f"{scan} is not in ../shared/data/real-ct")
+    loaded = load_scan(root / scan)
+    ref, _ = read_label_image(root / reference)
+    if mapping:
+        ref = np.select([ref == k for k in mapping], list(mapping.values()), 0)
+    return loaded.hu, loaded.spacing_mm, ref.astype(np.uint8)
+
+
+# Measured with this code (README "Accuracy"): Dice 0.987 / 0.970 / 0.975 and leak 1.2 / 4.3 / 4.9 % of
+# the reference. The pancreas reference leaves out the scan's top slice (2.6 % of its volume), which the
+# product keeps as lung; the COPDGene case has 4 mm voxels. Asserted with about 0.5 % of margin.
+REAL_CASES = [
+    ("lung-pet-ct-dx-A0001", "references/lung-pet-ct-dx-A0001_40805_lungs.nii.gz", None, 1.8),
+    ("pancreas-ct-cbct-001", "references/pancreas-ct-cbct-001_lungs.nii.gz", None, 5.0),
+    ("copdgene-10002K-x8/ct-64.nrrd", "copdgene-10002K-x8/lungs_right2_left3.nrrd", {2: RIGHT, 3: LEFT}, 5.5),
+]
+
+
+@pytest.mark.parametrize("scan, reference, mapping, max_leak_pct", REAL_CASES)
+def test_real_lungs_against_reference(shared_data, scan, reference, mapping, max_leak_pct):
+    """Both lungs Dice >= 0.97, each lung >= 0.95, and little lung outside the reference (no leak into
+    chest wall, mediastinum, neck or abdomen: the old pipeline leaked 15-67 % here)."""
+    hu, spacing, ref = _real(shared_data, scan, reference, mapping)
+    labels = segment_lungs(hu, spacing)
+    assert _dice(labels > 0, ref > 0) >= 0.97
+    for side in (RIGHT, LEFT):
+        assert _dice(labels == side, ref == side) >= 0.95
+    leak_pct = 100.0 * np.count_nonzero((labels > 0) & (ref == 0)) / np.count_nonzero(ref)
+    assert leak_pct <= max_leak_pct
+
+
+def test_hybrid_is_deterministic_and_inside_the_lungs(shared_data):
+    """Painted pneumonia: same seed, same case; lesions only inside the reference lungs, at the
+    painted densities; consolidation at soft-tissue density, GGO in its band."""
+    hu, spacing, ref = _real(shared_data, "copdgene-10002K-x8/ct-64.nrrd",
+                             "copdgene-10002K-x8/lungs_right2_left3.nrrd", {2: RIGHT, 3: LEFT})
+    first = paint_pneumonia(hu, ref, spacing, severity="moderate", seed=4)
+    again = paint_pneumonia(hu, ref, spacing, severity="moderate", seed=4)
+    other = paint_pneumonia(hu, ref, spacing, severity="moderate", seed=5)
+    assert np.array_equal(first.hu, again.hu) and np.array_equal(first.lesion_labels, again.lesion_labels)
+    assert not np.array_equal(first.lesion_labels, other.lesion_labels)
+    assert not (first.lesion_labels[ref == 0]).any()
+    assert np.array_equal(first.hu[ref == 0], hu[ref == 0])  # nothing painted outside the lungs
+    cons = first.lesion_labels == CONSOLIDATION
+    # consolidation at its painted soft-tissue density (partial volume at the edges of 4 mm voxels)
+    assert np.percentile(first.hu[cons], 90) == pytest.approx(first.volumes_ml["consolidation_hu"], abs=60)
+    assert 20 <= first.volumes_ml["consolidation_hu"] <= 50
+    assert -700 <= np.median(first.hu[first.lesion_labels == GGO]) < -300
+    both = first.volumes_ml["both"]
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    assert both["consolidation_ml"] == pytest.approx(np.count_nonzero(cons) * voxel_ml, abs=0.01)
+    severe = paint_pneumonia(hu, ref, spacing, severity="severe", seed=4)
+    assert severe.volumes_ml["both"]["consolidation_ml"] > 1.5 * both["consolidation_ml"]
+
+
+def test_hybrid_lungs_keep_painted_consolidation_at_the_ribs(shared_data):
+    """Dense lung against the chest wall stays lung (measured: Dice 0.939, 49 % of the painted
+    consolidation inside the mask; dense lung with no aerated lung in its slice is still missed)."""
+    hu, spacing, ref = _real(shared_data, "copdgene-10002K-x8/ct-64.nrrd",
+                             "copdgene-10002K-x8/lungs_right2_left3.nrrd", {2: RIGHT, 3: LEFT})
+    case = paint_pneumonia(hu, ref, spacing, severity="moderate", seed=1)
+    labels = segment_lungs(case.hu, spacing)
+    assert _dice(labels > 0, ref > 0) >= 0.93
+    cons = case.lesion_labels == CONSOLIDATION
+    assert np.count_nonzero(cons & (labels > 0)) >= 0.4 * np.count_nonzero(cons)
+
+
+def test_lung_cut_by_the_image_edge_is_kept_and_flagged(sample_dir):
+    """24 columns cut off the patient's right: the right lung inside the crop is kept (was 402 of
+    2647 mL) and flagged."""
+    scan = load_scan(sample_dir / "baseline")
+    truth, _ = read_label_image(sample_dir / "truth" / "baseline_lungs.nii.gz")
+    hu, truth = scan.hu[:, :, 24:], truth[:, :, 24:]
+    assert (truth[:, :, 0] == RIGHT).any()  # the crop really cuts the right lung
+    labels = segment_lungs(hu, scan.spacing_mm)
+    right = np.count_nonzero(labels == RIGHT)
+    assert right == pytest.approx(np.count_nonzero(truth == RIGHT), rel=0.05)
+    measures = lung_measures(hu, labels, np.zeros_like(labels), scan.spacing_mm)
+    assert "right_lung_cut_by_field_of_view: in-plane" in quality_flags(labels, measures, {})
+
+
+def test_body_mask_seals_lung_at_the_image_edge():
+    """Air on the image edge between two stretches of body is inside; air beyond the body is not."""
+    hu = np.full((1, 30, 30), -1000, np.int16)
+    hu[0, 5:25, :20] = 40      # body cut by the left image edge
+    hu[0, 10:20, :12] = -850   # lung reaching that edge
+    body = body_mask(hu)
+    assert body[0, 10:20, :12].all()
+    assert not body[0, :5].any() and not body[0, :, 21:].any()
+
+
+def test_abdomen_without_lungs_is_refused(shared_data, tmp_path):
+    """An abdominal series (bowel gas, no lung) gets a clear error, not an invented lung."""
+    from ctquant.errors import InputError
+    from ctquant.pipeline import quantify_to_dir
+
+    folder = shared_data / "real-ct" / "abdomen-jpeg2000"
+    if not folder.exists():
+        pytest.skip("abdomen-jpeg2000 is not in ../shared/data/real-ct")
+    with pytest.raises(InputError, match="no lung found"):
+        quantify_to_dir(folder, tmp_path / "out", method="hu", device="cpu", subject_id="A1")
+    assert not (tmp_path / "out" / "measures.json").exists()
