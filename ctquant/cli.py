@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import typer
 import typer.core
 
-from . import __version__
+from .version import __version__
 from .errors import CtquantError
 
 app = typer.Typer(
@@ -163,7 +163,7 @@ def series(folder: Path = typer.Argument(..., help="A DICOM study folder (nested
     from rich.table import Table
 
     from .config import load_quantify_config
-    from .io import choose_series, find_series, kernel_class
+    from .io.scans import choose_series, find_series, kernel_class
 
     selection = load_quantify_config(config)["series_selection"]
     found = find_series(folder)
@@ -215,17 +215,17 @@ def quantify(
     force: bool = typer.Option(False, "--force", help="Replace a result of another subject or series in --out."),
 ) -> None:
     """Segment lungs, GGO and consolidation in one scan and write measures and masks to --out."""
-    from .pipeline import quantify_to_dir
-
     from rich.console import Console
     from rich.markup import escape
 
+    import ctquant
+
     with Console(stderr=True).status("starting") as status:
-        measures = quantify_to_dir(input, out, method=method, device=device, subject_id=subject,
-                                   timepoint=timepoint, config_path=config, series_uid=series_uid,
-                                   seg_format=seg_format, refuse_other_run=not force,
-                                   progress=lambda stage: status.update(escape(f"{input}: {stage}")))
-    _print_measures(measures, out)
+        result = ctquant.quantify(input, out_dir=out, method=method, device=device, subject_id=subject,
+                                  timepoint=timepoint, config_path=config, series_uid=series_uid,
+                                  seg_format=seg_format, refuse_other_run=not force,
+                                  progress=lambda stage: status.update(escape(f"{input}: {stage}")))
+    _print_measures(result.measures, out)
 
 
 def _print_measures(measures: dict, out: Path) -> None:
@@ -269,13 +269,13 @@ def compare(
     """Compare one patient's two time points: changes per lung and each endpoint's reduction verdict."""
     from rich.console import Console
 
-    from .endpoints import comparison_table, run_compare
+    import ctquant
 
-    doc = run_compare(baseline, day14, out, config_path=config, allow_mismatch=allow_mismatch,
-                      from_tp=from_tp, to_tp=to_tp, method=method, device=device, subject_id=subject,
-                      quantify_config=quantify_config)
+    doc = ctquant.run_compare(baseline, day14, out, config_path=config, allow_mismatch=allow_mismatch,
+                              from_tp=from_tp, to_tp=to_tp, method=method, device=device, subject_id=subject,
+                              quantify_config=quantify_config)
     console = Console(width=160)
-    for table in comparison_table(doc):
+    for table in ctquant.comparison_table(doc):
         console.print(table)
     for note in doc["notes"]:
         log.warning("%s", note)
@@ -302,14 +302,15 @@ def endpoints(
     """Cohort endpoints: % of participants with reduction, exact 95 % CI, per-subject table and plots."""
     from rich.console import Console
 
-    from .endpoints import cohort_table, run_endpoints
+    import ctquant
+
     from .errors import BatchFailures
 
-    doc = run_endpoints(manifest, out, config_path=config, allow_mismatch=allow_mismatch, method=method,
-                        device=device, quantify_config=quantify_config, workers=workers, scheduler=scheduler,
-                        group_by=group_by, allow_duplicates=allow_duplicates)
+    doc = ctquant.run_endpoints(manifest, out, config_path=config, allow_mismatch=allow_mismatch, method=method,
+                                device=device, quantify_config=quantify_config, workers=workers, scheduler=scheduler,
+                                group_by=group_by, allow_duplicates=allow_duplicates)
     console = Console(width=160)
-    console.print(cohort_table(doc))
+    console.print(ctquant.cohort_table(doc))
     console.print(f"results in {out} (endpoint report in {out / 'endpoints'})", markup=False, highlight=False)
     if doc["failures"]:
         raise BatchFailures(f"{len(doc['failures'])} scan(s) failed; endpoints written without them "
@@ -361,19 +362,21 @@ def agree(
 
     Writes measures.csv, summary.json and Bland-Altman PNGs.
     """
-    from .agreement import print_summary, run_mask_agreement, run_table_agreement
+    import ctquant
+
     from .errors import InputError
+    from .trial.agreement import print_summary
 
     if table is not None:
         if inputs:
             raise InputError("give reader folders/CSV or --table, not both", table)
-        report = run_table_agreement(table, out, categorical=categorical or [], ordinal=ordinal or [])
+        report = ctquant.run_table_agreement(table, out, categorical=categorical or [], ordinal=ordinal or [])
     else:
         if not inputs:
             raise InputError("need masks from at least two readers (folders or one CSV), or --table")
-        report = run_mask_agreement(inputs, out, labels=labels, reader_labels=reader_labels or [],
-                                    names=[n.strip() for n in names.split(",")] if names else None,
-                                    lungs=lungs, union=union, tolerance_mm=tolerance_mm)
+        report = ctquant.run_mask_agreement(inputs, out, labels=labels, reader_labels=reader_labels or [],
+                                            names=[n.strip() for n in names.split(",")] if names else None,
+                                            lungs=lungs, union=union, tolerance_mm=tolerance_mm)
     for message in report.warnings:
         typer.echo(f"ctquant: warning: {message}", err=True)
     print_summary(report)
@@ -399,13 +402,15 @@ def batch(
     allow_duplicates: bool = ALLOW_DUPLICATES,
 ) -> None:
     """Quantify every scan of a manifest: resumable, parallel (--workers / Dask), failures isolated."""
-    from .batch import make_progress, run_batch
-    from .errors import BatchFailures
+    import ctquant
 
-    summary = run_batch(manifest, out, method=method, device=device, config_path=config, seg_format=seg_format,
-                        workers=workers, scheduler=scheduler, force=force, endpoints_config=endpoints_config,
-                        endpoints=report, progress=make_progress(), group_by=group_by,
-                        allow_duplicates=allow_duplicates)
+    from .errors import BatchFailures
+    from .run.batch import make_progress
+
+    summary = ctquant.run_cohort(manifest, out, method=method, device=device, config_path=config,
+                                 seg_format=seg_format, workers=workers, scheduler=scheduler, force=force,
+                                 endpoints_config=endpoints_config, endpoints=report, progress=make_progress(),
+                                 group_by=group_by, allow_duplicates=allow_duplicates)
     counts = summary.counts
     typer.echo(f"ctquant batch: {counts['ok']} quantified, {counts['skipped']} skipped (current), "
                f"{counts['failed']} failed; cohort table {summary.cohort_csv}", err=True)
@@ -428,9 +433,9 @@ def report(
     qc_images: bool = typer.Option(True, "--qc-images/--no-qc-images", help="Embed each scan's QC montage."),
 ) -> None:
     """Self-contained HTML report of every measures.json under RESULTS_DIR, with endpoint tables and plots."""
-    from .reports import write_cohort_report
+    import ctquant
 
-    path = write_cohort_report(results_dir, out, embed_qc=qc_images)
+    path = ctquant.write_cohort_report(results_dir, out, embed_qc=qc_images)
     typer.echo(f"report in {path}")
 
 def main() -> None:

@@ -40,7 +40,7 @@ def _peak_rss_mb() -> float:
 def make_large_phantom(shape: tuple[int, int, int] = (300, 512, 512),
                        spacing: tuple[float, float, float] = (1.0, 0.7, 0.7)) -> Path:
     """Write (once) a generated phantom DICOM series for the benchmark under ``.bench/``."""
-    from ctquant.phantom import make_phantom, uid_from, write_dicom_series
+    from ctquant.synthetic.phantom import make_phantom, uid_from, write_dicom_series
 
     folder = BENCH_DIR / f"phantom_{'x'.join(map(str, shape))}"
     if (folder / ".complete").exists():
@@ -66,14 +66,15 @@ def _warm_up_decoders() -> None:
 
 def run_ctquant(path: str, method: str, device: str) -> dict[str, Any]:
     """ctquant's own pipeline, stage by stage (run in a fresh process)."""
-    from ctquant.io import find_series, load_dicom_series
-    from ctquant.pipeline import analyse_scan, resolve_device, write_results
+    from ctquant.io.scans import find_series, load_dicom_series
+    from ctquant.config import resolve_device
+    from ctquant.run.scan import analyse_scan, write_results
 
     device = resolve_device(device)
     _warm_up_decoders()
     model = None
     if method == "model":
-        from ctquant.lesion_model import load_lesion_model
+        from ctquant.segment.lesion_model import load_lesion_model
 
         model = load_lesion_model(device=device)
     t = {}
@@ -117,10 +118,10 @@ def run_naive(path: str, device: str) -> dict[str, Any]:
     import torch
     from monai.inferers import sliding_window_inference
 
-    from ctquant.lesion_model import hu_to_unit, load_lesion_model
-    from ctquant.lungs import segment_lungs
-    from ctquant.pipeline import resolve_device
-    from ctquant.quantify import lung_measures
+    from ctquant.segment.lesion_model import hu_to_unit, load_lesion_model
+    from ctquant.segment.lungs import segment_lungs
+    from ctquant.config import resolve_device
+    from ctquant.measures.volumes import lung_measures
 
     device = resolve_device(device)
     model = load_lesion_model(device=device)
@@ -157,8 +158,8 @@ def run_real_slices(device: str) -> dict[str, Any]:
     """Lesion inference on the real 8-bit slices of ../shared/data/medseg-2d (ms per slice)."""
     from PIL import Image
 
-    from ctquant.lesion_model import image8_to_unit, load_lesion_model, predict_slices
-    from ctquant.pipeline import resolve_device
+    from ctquant.segment.lesion_model import image8_to_unit, load_lesion_model, predict_slices
+    from ctquant.config import resolve_device
 
     model = load_lesion_model(device=resolve_device(device))
     images = sorted((SHARED_DATA / "medseg-2d" / "images").glob("*.jpg"))

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Throughput of ``ctquant batch``: scans per minute for 1 and 2 local workers (and CUDA if present).
 
-Writes a cohort of synthetic phantoms (``ctquant.phantom``) as DICOM series, then times
+Writes a cohort of synthetic phantoms (``ctquant.synthetic.phantom``) as DICOM series, then times
 ``run_batch`` (``force=True``, no endpoint report) for each worker count and device, from the start
 of the batch to the last result: worker start-up and model loading are included, as a user sees them.
 Prints a table and writes JSON.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 def write_cohort(root: Path, n_scans: int, shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> Path:
     """``n_scans`` phantom DICOM series (subjects with baseline/day14) and their manifest."""
-    from ctquant.phantom import make_phantom, uid_from, write_dicom_series
+    from ctquant.synthetic.phantom import make_phantom, uid_from, write_dicom_series
 
     lines = ["subject_id,timepoint,input"]
     for i in range(n_scans):
@@ -47,7 +47,7 @@ def machine() -> dict:
     import psutil
     import torch
 
-    from ctquant.batch import available_cpus
+    from ctquant.run.batch import available_cpus
 
     info = {"python": platform.python_version(), "cpus_available": available_cpus(),
             "cpu_model": platform.processor() or platform.machine(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
@@ -57,7 +57,7 @@ def machine() -> dict:
 
 
 def run_once(manifest: Path, out: Path, *, workers: int, device: str, method: str) -> dict:
-    from ctquant.batch import run_batch
+    from ctquant.run.batch import run_batch
 
     t0 = time.perf_counter()
     summary = run_batch(manifest, out, method=method, device=device, workers=workers, force=True, endpoints=False)

@@ -26,10 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctquant.lesion_model import CONSOLIDATION, GGO, load_lesion_model, segment_lesions
-from ctquant.lungs import segment_lungs
-from ctquant.phantom import SAMPLE_SPACING_MM, make_phantom
-from ctquant.pipeline import analyse_scan, resolve_device
+from ctquant.segment.lesion_model import CONSOLIDATION, GGO, load_lesion_model, segment_lesions
+from ctquant.segment.lungs import segment_lungs
+from ctquant.synthetic.phantom import SAMPLE_SPACING_MM, make_phantom
+from ctquant.config import resolve_device
+from ctquant.run.scan import analyse_scan
 
 #: Spacing (z, y, x) mm per phantom shape: the sample's, else a thin-slice 512² scan's.
 LARGE_SPACING_MM = (1.0, 0.7, 0.7)

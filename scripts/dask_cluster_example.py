@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from distributed import Client, LocalCluster
 
-    from ctquant.batch import DaskExecutor, make_progress, run_batch
+    from ctquant.run.batch import DaskExecutor, make_progress
+    from ctquant.trial.endpoints import run_cohort  # ctquant batch: the scans, then the endpoint report
 
     if args.scheduler:
         client = Client(args.scheduler, timeout=30)
@@ -67,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
                                      dashboard_address=None))
     try:
         print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
-        summary = run_batch(args.manifest, args.out, method=args.method, device=args.device,
-                            config_path=args.config, force=args.force, executor=DaskExecutor(client=client),
-                            progress=make_progress())
+        summary = run_cohort(args.manifest, args.out, method=args.method, device=args.device,
+                             config_path=args.config, force=args.force, executor=DaskExecutor(client=client),
+                             progress=make_progress())
     finally:
         cluster = client.cluster
         client.close()

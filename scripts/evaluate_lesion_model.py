@@ -7,7 +7,7 @@ Usage::
         [--device cpu|cuda|auto] [--model PATH] [--only-split val|train --split configs/lesion_split.json]
 
 Every ``DIR/N.jpg`` or ``DIR/N.png`` is read with its label ``LABELS/N.png``, normalised and segmented
-exactly as the product does (``ctquant.lesion_model.image8_to_unit`` then ``predict_slices``: resize to
+exactly as the product does (``ctquant.segment.lesion_model.image8_to_unit`` then ``predict_slices``: resize to
 the model's input size, softmax, bilinear resize back, argmax). The whole image is the crop (these
 exports are already framed around the lungs; no lung mask is applied).
 
@@ -18,7 +18,7 @@ Real HU data are read too, normalised as the product normalises (``hu_to_unit``,
   (air below -400 HU inside the body, the two largest components, 1 % margin, as
   ``lung_crop_box``) and run; pixels outside the crop are background;
 - ``DIR/N.nii.gz`` (``.nii``, ``.nrrd``, ``.mha``) volumes with a label volume ``LABELS/N.nii.gz`` on
-  the same grid: lungs from the product's lung step (``ctquant.lungs.segment_lungs``), lesions from
+  the same grid: lungs from the product's lung step (``ctquant.segment.lungs.segment_lungs``), lesions from
   ``segment_lesions``; every axial slice with labelled lesion is one image (``N.nii.gz#z``).
 
 ``--unlabelled`` scores nothing: it runs every image (labelled or not) and reports the predicted GGO and
@@ -50,7 +50,8 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from ctquant import lesion_model as lm  # noqa: E402
+from ctquant.measures import overlap  # noqa: E402
+from ctquant.segment import lesion_model as lm  # noqa: E402
 from ctquant.errors import CtquantError  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -128,7 +129,7 @@ def load_reference_scan(real_ct: Path, entry: dict) -> tuple[np.ndarray, tuple[f
     """
     import SimpleITK as sitk
 
-    from ctquant.io import load_scan
+    from ctquant.io.scans import load_scan
 
     scan = load_scan(real_ct / entry["scan"])
     values = np.asarray(sitk.GetArrayFromImage(sitk.ReadImage(str(real_ct / entry["lungs"]))))
@@ -220,8 +221,8 @@ def predictions(model: lm.LesionModel, pairs: list[tuple[str, Path, Path | None]
             pred = predict_hu_slice(model, hu)
             yield name, pred, label, hu, (time.perf_counter() - t0) * 1000.0
         else:
-            from ctquant.io import load_scan
-            from ctquant.lungs import segment_lungs
+            from ctquant.io.scans import load_scan
+            from ctquant.segment.lungs import segment_lungs
 
             scan = load_scan(image_path)
             labels = None if label_path is None else _check_label(read_label_image(label_path), scan.hu.shape, label_path)
@@ -265,7 +266,7 @@ def evaluate(model: lm.LesionModel, pairs: list[tuple[str, Path, Path | None]]) 
         rows.append({
             "name": name,
             "height": int(pred.shape[0]), "width": int(pred.shape[1]),
-            **{k: round(v, 4) for k, v in lm.class_dice(pred, label).items()},
+            **{k: round(v, 4) for k, v in overlap.class_dice(pred, label).items()},
             "ggo_area_pct_pred": round(100.0 * float((pred == lm.GGO).mean()), 3),
             "ggo_area_pct_label": round(100.0 * float((label == lm.GGO).mean()), 3),
             "consolidation_area_pct_pred": round(100.0 * float((pred == lm.CONSOLIDATION).mean()), 3),
@@ -283,8 +284,8 @@ def evaluate(model: lm.LesionModel, pairs: list[tuple[str, Path, Path | None]]) 
 
 def lesions_hu_method(hu: np.ndarray, lungs: np.ndarray, spacing_mm: tuple[float, float, float],
                       config: dict) -> np.ndarray:
-    """``--method hu`` lesions exactly as ``ctquant.pipeline.analyse_scan`` calls them."""
-    from ctquant.lesions import VESSEL_SETTINGS, segment_lesions_hu
+    """``--method hu`` lesions exactly as ``ctquant.run.scan.analyse_scan`` calls them."""
+    from ctquant.segment.lesions import VESSEL_SETTINGS, segment_lesions_hu
 
     bands, vessels = config["hu_bands"], config.get("vessel_removal", {})
     return segment_lesions_hu(hu, lungs, spacing_mm, ggo_band_hu=tuple(bands["ggo"]),
@@ -295,13 +296,13 @@ def lesions_hu_method(hu: np.ndarray, lungs: np.ndarray, spacing_mm: tuple[float
 def specificity(model: lm.LesionModel, real_ct: Path, entries: list[dict], with_hu: bool = True) -> list[dict]:
     """GGO / consolidation / opacity % of each lung on scans without pneumonia, per lung mask and method.
 
-    Lung masks: ``product`` (``ctquant.lungs.segment_lungs``) and ``reference`` (the entry's mask);
+    Lung masks: ``product`` (``ctquant.segment.lungs.segment_lungs``) and ``reference`` (the entry's mask);
     methods: ``model`` and (``with_hu``) ``hu``. Slices in ``exclude_z`` (e.g. a tumour) are left
     out of both lung masks before measuring.
     """
     from ctquant.config import load_quantify_config
-    from ctquant.lungs import segment_lungs
-    from ctquant.quantify import lung_measures
+    from ctquant.segment.lungs import segment_lungs
+    from ctquant.measures.volumes import lung_measures
 
     config = load_quantify_config()
     rows = []

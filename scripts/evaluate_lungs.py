@@ -4,7 +4,7 @@
 Three modes:
 
 - ``--real`` runs every scan of ``../shared/data/real-ct`` that has a reference lung mask, and the
-  hybrids made from each (pneumonia painted in, :mod:`ctquant.hybrid`, moderate and severe, seed
+  hybrids made from each (pneumonia painted in, :mod:`ctquant.synthetic.hybrid`, moderate and severe, seed
   ``--hybrid-seed``): Dice (both, right, left), volume error, leak (lung volume outside the reference,
   % of it), and for hybrids the share of painted consolidation inside the lung mask and the
   ``--method hu`` GGO and consolidation volume errors (shipped ``configs/quantify.yaml``);
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ctquant.agreement import mask_metrics
-from ctquant.io import read_label_image
-from ctquant.lungs import LEFT, RIGHT, segment_lungs
+from ctquant.trial.agreement import mask_metrics
+from ctquant.io.scans import read_label_image
+from ctquant.segment.lungs import LEFT, RIGHT, segment_lungs
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -53,7 +53,7 @@ def lung_scores(pred: np.ndarray, ref: np.ndarray, spacing_mm: tuple[float, floa
 def evaluate_phantoms(severities: list[float], seeds: list[int], shape: tuple[int, int, int] | None,
                       spacing: tuple[float, float, float] | None) -> list[dict]:
     """Segment generated phantoms and score them against their truth."""
-    from ctquant.phantom import make_phantom
+    from ctquant.synthetic.phantom import make_phantom
 
     rows = []
     for seed in seeds:
@@ -90,9 +90,9 @@ REAL_CASES = {
 def real_case_rows(name: str, root: Path, hybrid_seed: int) -> list[dict]:
     """Rows for one real scan and its moderate and severe hybrids."""
     from ctquant.config import load_quantify_config
-    from ctquant.hybrid import CONSOLIDATION, GGO, paint_pneumonia
-    from ctquant.io import load_scan
-    from ctquant.lesions import VESSEL_SETTINGS, segment_lesions_hu
+    from ctquant.synthetic.hybrid import CONSOLIDATION, GGO, paint_pneumonia
+    from ctquant.io.scans import load_scan
+    from ctquant.segment.lesions import VESSEL_SETTINGS, segment_lesions_hu
 
     scan_rel, ref_rel, mapping = REAL_CASES[name]
     scan = load_scan(root / scan_rel)

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from ctquant import phantom as ph  # noqa: E402
+from ctquant.synthetic import phantom as ph  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "sample_dicom"
 BASELINE_DATE = "20200406"
@@ -38,7 +38,7 @@ TRANSFER_SYNTAXES = {
     "jpegls": "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
     "j2k": "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
 }
-GENERATOR = "ctquant.phantom"
+GENERATOR = "ctquant.phantom"  # the tag in sample_dicom truth.json files (the module now lives at ctquant.synthetic.phantom)
 
 README = """# Synthetic sample study (generated, do not edit)
 

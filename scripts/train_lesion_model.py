@@ -8,7 +8,7 @@ Recipe (hyper-parameters in ``configs/lesion_model.yaml``):
 2. fine-tune 3-class on the ``medseg-2d`` training slices (radiologist labels), with a few pseudo
    slices mixed into each batch under the lesion-vs-background loss at a lower weight;
 3. validate on the held-out slices of ``configs/lesion_split.json`` every epoch, exactly as the
-   product predicts (ctquant.lesion_model.predict_proba at full resolution), with monai.metrics.
+   product predicts (ctquant.segment.lesion_model.predict_proba at full resolution), with monai.metrics.
 
 Usage::
 
@@ -59,7 +59,7 @@ from monai.transforms import (  # noqa: E402
 )
 from monai.utils import set_determinism  # noqa: E402
 
-from ctquant import lesion_model as lm  # noqa: E402
+from ctquant.segment import lesion_model as lm  # noqa: E402
 from ctquant.config import config_hash, load_yaml  # noqa: E402
 
 log = logging.getLogger("train_lesion_model")
@@ -164,7 +164,7 @@ def load_negatives(root: Path, entries: list[dict], size_px: tuple[int, int], wi
     """All-background training slices from real HU scans without pneumonia, as uint8 (n, h, w).
 
     Every slice holding reference lung (less ``exclude_z``) is cropped exactly as the product crops
-    (:func:`ctquant.lesion_model.lung_slice_crops`) and resized to the model input.
+    (:func:`ctquant.segment.lesion_model.lung_slice_crops`) and resized to the model input.
     """
     from evaluate_lesion_model import load_reference_scan
 
@@ -294,7 +294,7 @@ def write_bundle_configs(config: dict[str, Any], checkpoint_name: str) -> None:
         "checkpoint": "$torch.load(@checkpoint_path, map_location=@device, weights_only=True)",
         "load_weights": "$@network.load_state_dict(@checkpoint['state_dict'])",
         "note": ("Builds the network and loads the shipped weights. The product's pre/post-processing "
-                 "(HU window, lung crop, resize, argmax) lives in ctquant.lesion_model.segment_lesions."),
+                 "(HU window, lung crop, resize, argmax) lives in ctquant.segment.lesion_model.segment_lesions."),
     }
     (REPO_ROOT / "configs" / "inference.json").write_text(json.dumps(inference, indent=2) + "\n")
     size = list(config["model"]["input_size"])

@@ -1,6 +1,6 @@
 """A generated corpus of bad inputs for ctquant's ingest, and the DICOM helpers the ingest tests share.
 
-Every case builds itself in an empty folder from the synthetic phantom (:mod:`ctquant.phantom`), in a
+Every case builds itself in an empty folder from the synthetic phantom (:mod:`ctquant.synthetic.phantom`), in a
 few milliseconds: nothing is committed as a binary blob. A case knows the exit code ctquant must give
 (see :mod:`ctquant.errors`), a substring of the reason and the file (or folder) the message must name.
 
@@ -25,7 +25,7 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DSequence
 
-from ctquant import phantom as ph
+from ctquant.synthetic import phantom as ph
 
 # Tiny phantom for error cases: the whole chest in 12 × 64 × 64 voxels.
 TINY_SHAPE = (12, 64, 64)
@@ -47,7 +47,7 @@ def tiny_phantom(seed: int = 1) -> ph.Phantom:
 
 
 def series_kwargs(tag: str = "main", **overrides: Any) -> dict[str, Any]:
-    """Keyword arguments of :func:`ctquant.phantom.write_dicom_series` with UIDs derived from ``tag``."""
+    """Keyword arguments of :func:`ctquant.synthetic.phantom.write_dicom_series` with UIDs derived from ``tag``."""
     kwargs = dict(study_uid=ph.uid_from("study", "bad-inputs"), series_uid=ph.uid_from("series", tag),
                   frame_of_reference_uid=ph.uid_from("for", "bad-inputs"), study_date=STUDY_DATE,
                   series_description=f"Thorax {tag}", series_number=2, patient_id=PATIENT_ID,

@@ -1,4 +1,4 @@
-"""Reader agreement (ctquant.agreement, ctquant.agreement_stats, ``ctquant agree``).
+"""Reader agreement (ctquant.trial.agreement, ctquant.trial.stats, ``ctquant agree``).
 
 Statistics are checked against published reference values; mask metrics against shapes whose
 overlap and surface distances are known exactly in anisotropic spacing.
@@ -17,15 +17,15 @@ import pytest
 import SimpleITK as sitk
 from typer.testing import CliRunner
 
-from ctquant.agreement import (
+from ctquant.trial.agreement import (
     align_to,
-    atomic_output,
     mask_metrics,
     parse_label_map,
     parse_ordinal_specs,
 )
-from ctquant.agreement_stats import bland_altman, cohen_kappa, correlation, describe, fleiss_kappa, icc
+from ctquant.trial.stats import bland_altman, cohen_kappa, correlation, describe, fleiss_kappa, icc
 from ctquant.cli import app
+from ctquant.outputs.atomic import atomic_output_dir
 from ctquant.errors import GeometryError, InputError
 
 SPACING = (2.5, 0.7, 0.7)  # (z, y, x) mm: anisotropic, like a thick-slice chest CT
@@ -454,11 +454,11 @@ def test_atomic_output_leaves_existing_folder_untouched_on_failure(tmp_path: Pat
     out.mkdir()
     (out / "summary.json").write_text("old")
     with pytest.raises(RuntimeError):
-        with atomic_output(out) as tmp:
+        with atomic_output_dir(out) as tmp:
             (tmp / "summary.json").write_text("new")
             raise RuntimeError("boom")
     assert (out / "summary.json").read_text() == "old"
-    with atomic_output(out) as tmp:
+    with atomic_output_dir(out) as tmp:
         (tmp / "summary.json").write_text("new")
     assert (out / "summary.json").read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["res"]
@@ -512,14 +512,14 @@ def test_cli_table_mode_long_and_wide(tmp_path: Path):
 def test_dicom_seg_reader_goes_through_dicomseg_read_seg(tmp_path: Path, readers, monkeypatch):
     import sys
 
-    import ctquant.dicomseg
+    import ctquant.outputs.dicomseg
 
     a, b = readers
     seg_dir = tmp_path / "seg"
     calls = []
 
     def fake_read_seg(path, which="lesions", reference=None):
-        # stands in for ctquant.dicomseg.read_seg: the label map of "x.dcm" lies in the hidden ".x.nii.gz"
+        # stands in for ctquant.outputs.dicomseg.read_seg: the label map of "x.dcm" lies in the hidden ".x.nii.gz"
         path = Path(path)
         calls.append((path.name, which, reference is not None))
         image = sitk.ReadImage(str(path.parent / f".{path.stem}.nii.gz"))
@@ -533,7 +533,7 @@ def test_dicom_seg_reader_goes_through_dicomseg_read_seg(tmp_path: Path, readers
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_bytes(b"placeholder")
         shutil.copy(src, dst.parent / f".{dst.stem}.nii.gz")  # hidden: not a mask file of the folder
-    monkeypatch.setattr(ctquant.dicomseg, "read_seg", fake_read_seg)
+    monkeypatch.setattr(ctquant.outputs.dicomseg, "read_seg", fake_read_seg)
     out = tmp_path / "seg_out"
     result = _run([str(seg_dir), str(a), "--out", str(out)])  # the SEG reader first: read onto A's grid
     assert result.exit_code == 0, result.output
@@ -541,9 +541,9 @@ def test_dicom_seg_reader_goes_through_dicomseg_read_seg(tmp_path: Path, readers
     cases = pd.read_csv(out / "cases.csv")
     assert (cases.dice == 1.0).all() and set(cases.reader_a) == {"seg"}
 
-    monkeypatch.setitem(sys.modules, "ctquant.dicomseg", None)  # as if the module were absent
+    monkeypatch.setitem(sys.modules, "ctquant.outputs.dicomseg", None)  # as if the module were absent
     result = _run([str(seg_dir), str(a), "--out", str(tmp_path / "x")])
-    assert result.exit_code == 3 and "DICOM SEG input needs ctquant.dicomseg.read_seg" in result.stderr
+    assert result.exit_code == 3 and "DICOM SEG input needs ctquant.outputs.dicomseg.read_seg" in result.stderr
 
 
 def test_cli_three_readers_lungs_folder_and_union(tmp_path: Path, readers):
@@ -601,8 +601,8 @@ def test_surface_distances_equal_monai_public_metrics():
 def test_real_dicom_seg_reader_against_nifti_reader(tmp_path: Path):
     # A ctquant DICOM SEG (stores only its non-empty slices) against the same labels as NIfTI on the CT grid
     helpers = pytest.importorskip("test_dicomseg", reason="needs tests/test_dicomseg.py helpers")
-    from ctquant.dicomseg import write_seg
-    from ctquant.io import load_scan
+    from ctquant.outputs.dicomseg import write_seg
+    from ctquant.io.scans import load_scan
 
     scan = load_scan(helpers.make_ct_series(tmp_path / "ct"))
     lungs, lesions = helpers.toy_labels(scan.hu.shape)

@@ -1,6 +1,6 @@
 """``ctquant batch``: manifest checks, failure isolation, resuming after a kill, config changes, Dask.
 
-Scans are tiny synthetic phantoms (``ctquant.phantom``, 40x128x128 at 6x2.8x2.8 mm) quantified with
+Scans are tiny synthetic phantoms (``ctquant.synthetic.phantom``, 40x128x128 at 6x2.8x2.8 mm) quantified with
 ``--method hu``; the whole module runs in well under a minute on two cores.
 """
 
@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ctquant import batch
-from ctquant.batch import (BatchSettings, ScanTask, input_fingerprint, make_settings, plan, read_manifest,
-                           run_batch, run_one)
+from ctquant.run import batch
+from ctquant.run.batch import (BatchSettings, ScanTask, input_fingerprint, make_settings, plan, read_manifest,
+                               run_batch, run_one)
 from ctquant.cli import app
+from ctquant.trial.endpoints import ENDPOINT_STEP, run_cohort
 from ctquant.errors import InputError
 
 SHAPE, SPACING = (40, 128, 128), (6.0, 2.8, 2.8)
@@ -64,7 +65,7 @@ def assert_same(a, b) -> None:
 @pytest.fixture(scope="module")
 def scans(tmp_path_factory) -> Path:
     """Four DICOM series (two subjects x baseline/day14) and ``manifest.csv`` with relative inputs."""
-    from ctquant.phantom import make_phantom, uid_from, write_dicom_series
+    from ctquant.synthetic.phantom import make_phantom, uid_from, write_dicom_series
 
     root = tmp_path_factory.mktemp("cohort")
     rows = []
@@ -184,7 +185,7 @@ def test_broken_scans_are_recorded_and_the_batch_goes_on(scans, tmp_path):
 
 
 def test_an_unexpected_exception_is_an_internal_error_record(scans, tmp_path, monkeypatch):
-    from ctquant import pipeline
+    from ctquant.run import scan as pipeline
 
     def boom(*args, **kwargs):
         raise ZeroDivisionError("division by zero\nsecond line")
@@ -204,7 +205,7 @@ def test_an_unexpected_exception_is_an_internal_error_record(scans, tmp_path, mo
 
 _STALLING_RUN = textwrap.dedent("""
     import sys, time
-    import ctquant.pipeline as pipeline
+    import ctquant.run.scan as pipeline
     from ctquant.cli import main
 
     real, calls = pipeline.write_label_image, [0]
@@ -249,7 +250,7 @@ def test_killed_run_resumes_with_identical_measures(scans, reference, tmp_path):
     assert (out / ".batch.lock").exists()  # the killed run's lock: its process is gone, so taken over
     mtime = (first / "measures.json").stat().st_mtime_ns
 
-    summary = run_batch(scans / "manifest.csv", out, method="hu", device="cpu")
+    summary = run_cohort(scans / "manifest.csv", out, method="hu", device="cpu")  # ctquant batch: + endpoints
     assert [r.status for r in summary.records] == ["skipped", "ok", "ok", "ok"]
     assert (first / "measures.json").stat().st_mtime_ns == mtime
     assert not list((out / "scans").glob("*/.*.tmp-*"))
@@ -346,7 +347,7 @@ def test_endpoint_report_uses_the_batch_records_and_reasons(scans, reference, tm
     records = {r.key: r for r in current}
     records[("P2", "day14")] = batch.ScanRecord("P2", "day14", rows[3].input, str(tmp_path / "nowhere"), "failed",
                                                 exit_code=3, category="InputError", reason="no DICOM files found")
-    doc = batch.endpoint_report(scans / "manifest.csv", records, tmp_path)
+    doc = ENDPOINT_STEP.report(scans / "manifest.csv", records, tmp_path, None, None)
     assert (tmp_path / "endpoints" / "endpoints.csv").is_file() and not (tmp_path / "scans").exists()
     assert [(f["subject_id"], f["category"], f["reason"]) for f in doc["failures"]] == [
         ("P2", "InputError", "no DICOM files found")]
@@ -437,7 +438,8 @@ def test_code_hash_follows_the_package_files(tmp_path, monkeypatch):
         first = config.code_sha256()
         config.code_sha256.cache_clear()
         assert config.code_sha256() == first  # stable
-        (package / "lungs.py").write_text((package / "lungs.py").read_text() + "\n# edited\n")
+        lungs = package / "segment" / "lungs.py"
+        lungs.write_text(lungs.read_text() + "\n# edited\n")
         config.code_sha256.cache_clear()
         assert config.code_sha256() != first
     finally:
@@ -486,7 +488,7 @@ _SITECUSTOMIZE = textwrap.dedent('''
         @classmethod
         def find_spec(cls, name, path=None, target=None):
             where = os.environ.get("CTQUANT_TEST_STALL_DIR")
-            if name != "ctquant.pipeline" or not where:
+            if name != "ctquant.run.scan" or not where:
                 return None
             spec = importlib.machinery.PathFinder.find_spec(name, path, target)
             run = spec.loader.exec_module

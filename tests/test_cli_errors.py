@@ -87,12 +87,12 @@ def test_series_command_on_bad_input(tmp_path: Path):
 
 
 def test_internal_error_is_one_line_unless_debug(tmp_path: Path, monkeypatch):
-    import ctquant.pipeline
+    import ctquant.run.scan
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(ctquant.pipeline, "load_scan", broken)
+    monkeypatch.setattr(ctquant.run.scan, "load_scan", broken)
     args = ["quantify", str(tmp_path), "--out", str(tmp_path / "out"), "--method", "hu", "--device", "cpu"]
     code, _, stderr = bi.run_in_process(args)
     assert code == 1

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bad_inputs as bi  # noqa: E402
 from test_endpoints import measures, write_result  # noqa: E402
 
-from ctquant import endpoints as E  # noqa: E402
+from ctquant.trial import endpoints as E  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -34,12 +34,12 @@ def test_flags_are_not_shown_as_taking_a_bool(command):
 
 
 def test_debug_after_the_command(tmp_path: Path, monkeypatch):
-    import ctquant.pipeline
+    import ctquant.run.scan
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(ctquant.pipeline, "load_scan", broken)
+    monkeypatch.setattr(ctquant.run.scan, "load_scan", broken)
     args = ["quantify", str(tmp_path), "--out", str(tmp_path / "out"), "--method", "hu", "--device", "cpu"]
     code, _, stderr = bi.run_in_process([*args, "--debug"])
     assert code == 1 and "Traceback (most recent call last)" in stderr and "second line" in stderr

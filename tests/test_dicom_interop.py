@@ -21,11 +21,11 @@ import pytest
 import SimpleITK as sitk
 
 from ctquant import __version__
-from ctquant.dicomseg import source_headers, uncompressed_copy, write_seg
-from ctquant.dicomsr import read_sr_measures, write_sr
-from ctquant.io import load_scan, read_label_image
-from ctquant.pipeline import Segmentation, write_results
-from ctquant.quantify import bilateral_flags, lung_measures
+from ctquant.outputs.dicomseg import source_headers, uncompressed_copy, write_seg
+from ctquant.outputs.dicomsr import read_sr_measures, write_sr
+from ctquant.io.scans import load_scan, read_label_image
+from ctquant.run.scan import Result, write_results
+from ctquant.measures.volumes import bilateral_flags, lung_measures
 
 #: The one dciodvfy warning a source may cause that ctquant must not paper over: an empty Study ID
 #: (Type 2, allowed empty, and it must match the study's other series).
@@ -97,7 +97,7 @@ def sample_outputs(sample_dir, tmp_path_factory):
     lungs, _ = read_label_image(sample_dir / "truth" / "baseline_lungs.nii.gz")
     lesions, _ = read_label_image(sample_dir / "truth" / "baseline_lesions.nii.gz")
     out = tmp_path_factory.mktemp("sample") / "result"
-    write_results(Segmentation(scan, lungs, lesions, _measures(scan, lungs, lesions)), out, "dicom-seg",
+    write_results(Result(scan, lungs, lesions, _measures(scan, lungs, lesions)), out, "dicom-seg",
                   report=False)
     return scan, lungs, lesions, out
 

@@ -1,4 +1,4 @@
-"""DICOM SEG writing and reading (ctquant.dicomseg): round trips, references, codes, refusals."""
+"""DICOM SEG writing and reading (ctquant.outputs.dicomseg): round trips, references, codes, refusals."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 
-from ctquant.dicomseg import (LOCAL_SCHEME, check_source, conformant_header, conformant_person_name, read_seg,
+from ctquant.outputs.dicomseg import (LOCAL_SCHEME, check_source, conformant_header, conformant_person_name, read_seg,
                               read_seg_arrays, write_seg)
 from ctquant.errors import InputError
-from ctquant.io import load_scan
+from ctquant.io.scans import load_scan
 
 
 def make_ct_series(folder: Path, n: int = 12, rows: int = 48, cols: int = 40,
@@ -213,7 +213,7 @@ def test_read_seg_refuses_non_seg(toy):
 
 def test_sample_study_truth_round_trip(sample_dir, tmp_path):
     """The shipped sample's truth masks survive a SEG round trip on its baseline series."""
-    from ctquant.io import read_label_image
+    from ctquant.io.scans import read_label_image
 
     scan = load_scan(sample_dir / "baseline")
     truth = sample_dir / "truth"

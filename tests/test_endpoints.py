@@ -12,8 +12,8 @@ import pytest
 from scipy.stats import beta
 from typer.testing import CliRunner
 
-from ctquant import endpoints as E
-from ctquant.batch import ScanRecord, read_manifest
+from ctquant.trial import endpoints as E
+from ctquant.run.batch import ScanRecord, read_manifest
 from ctquant.cli import app
 from ctquant.config import code_sha256, config_hash, load_quantify_config
 from ctquant.errors import IncompatibleResults, InputError
@@ -425,7 +425,7 @@ class FakePipeline:
         return m
 
     def install(self, monkeypatch):
-        from ctquant import pipeline
+        from ctquant.run import scan as pipeline
 
         monkeypatch.setattr(pipeline, "quantify_to_dir", self.quantify_to_dir)
         return self
@@ -512,7 +512,7 @@ def scan_results(manifest: Path, values: dict[tuple[str, str], dict], out: Path)
 @pytest.fixture()
 def no_pipeline(monkeypatch):
     """Any attempt to quantify fails the test."""
-    from ctquant import pipeline
+    from ctquant.run import scan as pipeline
 
     def refuse(*args, **kwargs):
         raise AssertionError(f"unexpected quantification of {args}")
@@ -740,7 +740,7 @@ def test_bad_manifest_is_an_input_error(tmp_path, content, message):
 
 def test_endpoints_on_real_phantom_scans(tmp_path):
     """The real path: ``ctquant endpoints`` quantifies tiny phantom scans with the batch, then re-uses them."""
-    from ctquant.phantom import make_phantom, uid_from, write_dicom_series
+    from ctquant.synthetic.phantom import make_phantom, uid_from, write_dicom_series
 
     lines = ["subject_id,timepoint,input"]
     for sid, seed in (("P1", 1), ("P2", 2)):
@@ -810,7 +810,7 @@ def test_group_by_arm_gives_each_arm_its_table_and_plots(tmp_path, monkeypatch):
 
 
 def test_endpoints_and_batch_on_one_folder_write_one_report(tmp_path, monkeypatch):
-    from ctquant.reports import render_cohort_report
+    from ctquant.outputs.reports import render_cohort_report
 
     manifest, values = cohort(tmp_path, ("S01", "S02", "S03"), **HU)
     FakePipeline(values).install(monkeypatch)

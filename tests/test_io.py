@@ -1,6 +1,6 @@
 """Ingest of DICOM series and volume files (issue "Foundation"), checked against the phantom's truth.
 
-Series are written by :mod:`ctquant.phantom` into temporary folders (small grids for speed); the HU
+Series are written by :mod:`ctquant.synthetic.phantom` into temporary folders (small grids for speed); the HU
 values must come back exactly and the geometry must match the generator's.
 """
 
@@ -19,8 +19,8 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bad_inputs as bi  # noqa: E402
-from ctquant import io as ctio  # noqa: E402
-from ctquant import phantom as ph  # noqa: E402
+from ctquant.io import scans as ctio  # noqa: E402
+from ctquant.synthetic import phantom as ph  # noqa: E402
 from ctquant.errors import InputError  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from ctquant import lesion_model as lm
+from ctquant.measures import overlap
+from ctquant.segment import lesion_model as lm
 from ctquant.config import MODEL_DIR, file_sha256
 from ctquant.errors import ModelError
 
@@ -142,21 +143,21 @@ def test_dice_convention():
     empty = np.zeros((4, 4), bool)
     some = empty.copy()
     some[1:3, 1:3] = True
-    assert lm.dice_score(empty, empty) == 1.0  # absent from both
-    assert lm.dice_score(some, empty) == 0.0  # absent from the label only
-    assert lm.dice_score(empty, some) == 0.0  # absent from the prediction only
-    assert lm.dice_score(some, some) == 1.0
+    assert overlap.dice_score(empty, empty) == 1.0  # absent from both
+    assert overlap.dice_score(some, empty) == 0.0  # absent from the label only
+    assert overlap.dice_score(empty, some) == 0.0  # absent from the prediction only
+    assert overlap.dice_score(some, some) == 1.0
     half = empty.copy()
     half[1:3, 1] = True
-    assert lm.dice_score(half, some) == pytest.approx(2 * 2 / (2 + 4))
+    assert overlap.dice_score(half, some) == pytest.approx(2 * 2 / (2 + 4))
 
     pred = np.array([[0, 1, 1], [0, 0, 0]])
     ref = np.array([[0, 1, 2], [0, 0, 0]])
-    scores = lm.class_dice(pred, ref)
+    scores = overlap.class_dice(pred, ref)
     assert scores["dice_ggo"] == pytest.approx(2 / 3)
     assert scores["dice_consolidation"] == 0.0
     assert scores["dice_lesion"] == 1.0
-    assert lm.class_dice(np.zeros((2, 2)), np.zeros((2, 2))) == {
+    assert overlap.class_dice(np.zeros((2, 2)), np.zeros((2, 2))) == {
         "dice_ggo": 1.0, "dice_consolidation": 1.0, "dice_lesion": 1.0}
 
 
@@ -170,7 +171,7 @@ def test_dice_matches_monai_metric():
         ref = rng.integers(0, 2, (12, 12))  # no consolidation in the reference
         onehot = lambda a: torch.nn.functional.one_hot(torch.as_tensor(a), 3).permute(2, 0, 1)[None]  # noqa: E731
         monai_scores = metric(onehot(pred), onehot(ref))[0].numpy()
-        ours = lm.class_dice(pred, ref)
+        ours = overlap.class_dice(pred, ref)
         assert monai_scores == pytest.approx([ours["dice_ggo"], ours["dice_consolidation"]], abs=1e-6)
 
 
@@ -292,7 +293,7 @@ def test_evaluate_script_reads_dicom_slices_and_volumes(tmp_path, model):
     assert result["n_images"] == 1
     row = result["per_image"][0]
     assert row["name"] == "s1.dcm" and (row["height"], row["width"]) == hu.shape[1:]
-    assert row["dice_lesion"] == pytest.approx(lm.class_dice(expected, patch)["dice_lesion"], abs=1e-4)
+    assert row["dice_lesion"] == pytest.approx(overlap.class_dice(expected, patch)["dice_lesion"], abs=1e-4)
     assert row["ggo_area_pct_label"] == pytest.approx(100 * patch.mean(), abs=1e-3)
 
     # a label of the wrong size is refused with one line and exit code 3, nothing written
@@ -354,7 +355,7 @@ def test_model_card_metadata_names_the_shipped_weights():
 
 
 def test_reports_carry_the_measured_accuracy(tmp_path):
-    from ctquant import reports
+    from ctquant.outputs import reports
 
     card = json.loads((REPO_ROOT / "configs" / "metadata.json").read_text())["ctquant_accuracy"]
     sha = file_sha256(SHIPPED)

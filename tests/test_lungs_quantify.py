@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ctquant.io import load_scan
-from ctquant.lungs import LEFT, RIGHT, segment_lungs
-from ctquant.phantom import make_phantom
-from ctquant.pipeline import quantify_to_dir
-from ctquant.quantify import bilateral_flags, lung_measures, quality_flags
+from ctquant.io.scans import load_scan
+from ctquant.segment.lungs import LEFT, RIGHT, segment_lungs
+from ctquant.synthetic.phantom import make_phantom
+from ctquant.run.scan import quantify_to_dir
+from ctquant.measures.volumes import bilateral_flags, lung_measures, quality_flags
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -133,7 +133,7 @@ def _ball_mask(shape, centre, radius_vox):
 
 def test_hu_lesions_tell_vessels_from_consolidation():
     """Known shapes at 1 mm: consolidation kept, vessels (thin or thick, 40 HU) left out."""
-    from ctquant.lesions import CONSOLIDATION, GGO, segment_lesions_hu
+    from ctquant.segment.lesions import CONSOLIDATION, GGO, segment_lesions_hu
 
     shape, spacing = (60, 80, 120), (1.0, 1.0, 1.0)
     hu = np.full(shape, -850, np.int16)
@@ -164,7 +164,7 @@ def test_hu_lesions_tell_vessels_from_consolidation():
 
 def test_pleural_edge_keeps_dense_lung_against_the_wall():
     """Half-density edge: consolidation reaches the wall, aerated lung and fat do not move the edge."""
-    from ctquant.lungs import settle_pleural_edge
+    from ctquant.segment.lungs import settle_pleural_edge
 
     hu = np.full((3, 40, 60), 45, np.int16)  # chest wall (muscle)
     hu[:, 5:35, 5:30] = -850                 # aerated right lung

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ctquant.hybrid import CONSOLIDATION, GGO, paint_pneumonia
-from ctquant.io import load_scan, read_label_image
-from ctquant.lungs import LEFT, RIGHT, body_mask, segment_lungs
-from ctquant.quantify import lung_measures, quality_flags
+from ctquant.synthetic.hybrid import CONSOLIDATION, GGO, paint_pneumonia
+from ctquant.io.scans import load_scan, read_label_image
+from ctquant.segment.lungs import LEFT, RIGHT, body_mask, segment_lungs
+from ctquant.measures.volumes import lung_measures, quality_flags
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -113,7 +113,7 @@ def test_body_mask_seals_lung_at_the_image_edge():
 def test_abdomen_without_lungs_is_refused(shared_data, tmp_path):
     """An abdominal series (bowel gas, no lung) gets a clear error, not an invented lung."""
     from ctquant.errors import InputError
-    from ctquant.pipeline import quantify_to_dir
+    from ctquant.run.scan import quantify_to_dir
 
     folder = shared_data / "real-ct" / "abdomen-jpeg2000"
     if not folder.exists():

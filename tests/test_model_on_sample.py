@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ctquant.pipeline import quantify_to_dir
+from ctquant.run.scan import quantify_to_dir
 
 
 @pytest.fixture(scope="module")

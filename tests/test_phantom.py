@@ -13,7 +13,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from ctquant import phantom as ph
+from ctquant.synthetic import phantom as ph
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (40, 128, 128)  # small grid over the same anatomy as the sample (345 mm FOV, 260 mm long)

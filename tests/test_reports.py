@@ -19,10 +19,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ctquant.cli import app
-from ctquant.dicomseg import COLOURS, read_seg
-from ctquant.io import Scan, load_scan
-from ctquant.qc import caption_lines, pick_axial_slices, pick_coronal_row, qc_montage
-from ctquant.reports import collect_results, fmt, render_scan_report, write_cohort_report
+from ctquant.outputs.dicomseg import COLOURS, read_seg
+from ctquant.io.scans import Scan, load_scan
+from ctquant.outputs.qc import caption_lines, pick_axial_slices, pick_coronal_row, qc_montage
+from ctquant.outputs.reports import collect_results, fmt, render_scan_report, write_cohort_report
 
 PATIENT_NAME, PATIENT_ID = "Secret^Patient", "PID-SECRET-42"
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample_dicom"
@@ -246,7 +246,7 @@ def test_report_command(tmp_path):
 @pytest.fixture(scope="module")
 def quantified(tmp_path_factory):
     """`ctquant quantify --method hu --seg-format both` on a DICOM series in a folder named after the patient."""
-    from ctquant.pipeline import quantify_to_dir
+    from ctquant.run.scan import quantify_to_dir
 
     work = tmp_path_factory.mktemp("e2e")
     source = work / f"{PATIENT_NAME.replace('^', '_')}_{PATIENT_ID}"
@@ -255,7 +255,7 @@ def quantified(tmp_path_factory):
         header = pydicom.dcmread(next(p for p in sorted(source.rglob("*")) if p.is_file()), stop_before_pixels=True)
         names = [str(header.PatientName), str(header.PatientID)]
     else:
-        from ctquant.phantom import make_phantom, write_dicom_series
+        from ctquant.synthetic.phantom import make_phantom, write_dicom_series
 
         phantom = make_phantom((40, 160, 160), (6.0, 2.1, 2.1))
         write_dicom_series(phantom, source, study_uid="1.2.826.0.1.3680043.10.999.1",
@@ -400,7 +400,7 @@ def test_scan_report_qc_image_enlarges_and_links_the_file():
 
 @pytest.mark.parametrize("n_subjects", [1, 3, 12])
 def test_endpoint_plot_titles_and_labels_are_not_clipped(tmp_path, n_subjects):
-    from ctquant import endpoints as E
+    from ctquant.trial import endpoints as E
 
     rows = [{"subject_id": f"S{i:02d}", "evaluable": True, "reduction": i % 2 == 0,
              "verdict": "reduction" if i % 2 == 0 else "no reduction", "both_from": 10.0, "both_to": 5.0 + i,

@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bad_inputs as bi  # noqa: E402
-from ctquant import phantom as ph  # noqa: E402
+from ctquant.synthetic import phantom as ph  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -92,7 +92,7 @@ def test_legacy_results_folder_without_file_list(two_scans: Path, tmp_path: Path
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fail the test if the scan is read: a refusal must come first."""
-    from ctquant import pipeline
+    from ctquant.run import scan as pipeline
 
     def loaded(*args, **kwargs):
         raise AssertionError("the scan was read before the refusal")
@@ -115,7 +115,7 @@ def test_unwritable_out_refused_before_reading(two_scans: Path, tmp_path: Path, 
 
 
 def test_full_disk_refused_before_segmenting(two_scans: Path, tmp_path: Path, monkeypatch):
-    from ctquant import pipeline
+    from ctquant.run import scan as pipeline
 
     def segmented(*args, **kwargs):
         raise AssertionError("segmentation started on a full disk")
@@ -127,7 +127,7 @@ def test_full_disk_refused_before_segmenting(two_scans: Path, tmp_path: Path, mo
 
 
 def test_dicom_seg_of_a_volume_refused_before_segmenting(tmp_path: Path, monkeypatch):
-    from ctquant import pipeline
+    from ctquant.run import scan as pipeline
 
     monkeypatch.setattr(pipeline, "analyse_scan", lambda *a, **k: (_ for _ in ()).throw(AssertionError("segmented")))
     volume = bi.phantom_volume(tmp_path / "scan.nii.gz")
@@ -163,7 +163,7 @@ def test_known_config_keys_still_accepted(tmp_path: Path):
 
 
 def test_dicom_seg_of_a_series_without_uid_refused_before_segmenting(tmp_path: Path, monkeypatch):
-    from ctquant import pipeline
+    from ctquant.run import scan as pipeline
 
     monkeypatch.setattr(pipeline, "analyse_scan", lambda *a, **k: (_ for _ in ()).throw(AssertionError("segmented")))
     for path in bi.write_series(tmp_path / "study"):

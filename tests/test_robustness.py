@@ -27,8 +27,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bad_inputs as bi  # noqa: E402
-from ctquant import io as ctio  # noqa: E402
-from ctquant import phantom as ph  # noqa: E402
+from ctquant.io import scans as ctio  # noqa: E402
+from ctquant.synthetic import phantom as ph  # noqa: E402
 from ctquant.errors import CalibrationError, CtquantError, InputError  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on the odd values the cases write

@@ -15,8 +15,8 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bad_inputs as bi  # noqa: E402
-from ctquant import io as ctio  # noqa: E402
-from ctquant import phantom as ph  # noqa: E402
+from ctquant.io import scans as ctio  # noqa: E402
+from ctquant.synthetic import phantom as ph  # noqa: E402
 from ctquant.config import load_quantify_config  # noqa: E402
 from ctquant.errors import GeometryError, InputError  # noqa: E402
 
@@ -62,7 +62,7 @@ def test_series_without_uid_loads_with_a_warning(tmp_path: Path, caplog):
     _blank_series_uid(paths)
     (info,) = ctio.find_series(tmp_path / "study")
     assert info.uid_missing and info.series_uid.startswith("no-uid-") and info.n_images == len(paths)
-    with caplog.at_level(logging.WARNING, logger="ctquant.io"):
+    with caplog.at_level(logging.WARNING, logger="ctquant.io.scans"):
         scan = ctio.load_scan(tmp_path / "study")
     np.testing.assert_array_equal(scan.hu, phantom.hu)
     assert scan.meta["series_instance_uid"] is None and scan.meta["series_uid_missing"] is True
@@ -75,7 +75,7 @@ def test_series_without_uid_loads_with_a_warning(tmp_path: Path, caplog):
 
 def test_real_anonymised_jpeg2000_series_without_uid(shared_data: Path, caplog):
     folder = shared_data / "real-ct" / "abdomen-jpeg2000"
-    with caplog.at_level(logging.WARNING, logger="ctquant.io"):
+    with caplog.at_level(logging.WARNING, logger="ctquant.io.scans"):
         scan = ctio.load_scan(folder)
     assert any("20 DICOM file(s) without SeriesInstanceUID" in r.getMessage() for r in caplog.records)
     reader = sitk.ImageSeriesReader()
@@ -192,7 +192,7 @@ def test_folder_with_two_studies_is_refused_unless_series_chooses(sample_dir: Pa
 def test_equal_series_of_one_study_are_a_warning(tmp_path: Path, caplog):
     paths = bi.write_series(tmp_path / "study" / "a", convolution_kernel="B40f")
     _recon(paths, tmp_path / "study" / "b", "B40f", "copy", series_number=5)
-    with caplog.at_level(logging.WARNING, logger="ctquant.io"):
+    with caplog.at_level(logging.WARNING, logger="ctquant.io.scans"):
         choice = ctio.choose_series(ctio.find_series(tmp_path / "study"), selection=SELECTION)
     assert choice.info.series_uid == ph.uid_from("series", "main")
     assert any("2 equally suitable CT series" in r.getMessage() for r in caplog.records)

@@ -34,7 +34,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from .errors import CalibrationError, GeometryError, InputError
+from ..errors import CalibrationError, GeometryError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -472,7 +472,7 @@ def kernel_class(kernel: str, selection: dict[str, Any] | None = None) -> str:
 def _selection_rule(selection: dict[str, Any] | None) -> dict[str, Any]:
     """The ``series_selection`` settings (default: those of the shipped ``configs/quantify.yaml``), checked."""
     if selection is None:
-        from .config import load_quantify_config
+        from ..config import load_quantify_config
 
         selection = load_quantify_config()["series_selection"]
     if selection.get("kernel") not in KERNEL_RULES:

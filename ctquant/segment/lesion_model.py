@@ -31,9 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import MODEL_DIR, file_sha256
-from .errors import ModelError
-from .pipeline import resolve_device
+from ..config import MODEL_DIR, file_sha256
+from ..errors import ModelError
+from ..config import resolve_device
 
 #: Class index → name of the network's outputs.
 CLASS_NAMES: tuple[str, ...] = ("background", "ggo", "consolidation")
@@ -296,24 +296,3 @@ def segment_lesions(hu: np.ndarray, lung_mask: np.ndarray, model: LesionModel, b
         pred[~lung[zs, y_box, x_box]] = 0
         labels[zs, y_box, x_box] = pred
     return labels
-
-
-def dice_score(prediction: np.ndarray, reference: np.ndarray) -> float:
-    """Dice 2|P∩G| / (|P| + |G|) of two masks; 1.0 where both are empty, 0.0 where only one is."""
-    p = np.asarray(prediction, dtype=bool)
-    g = np.asarray(reference, dtype=bool)
-    if p.shape != g.shape:
-        raise ValueError(f"prediction {p.shape} and reference {g.shape} differ in shape")
-    total = int(p.sum()) + int(g.sum())
-    if total == 0:
-        return 1.0
-    return 2.0 * int(np.logical_and(p, g).sum()) / total
-
-
-def class_dice(prediction: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """Per-image Dice of GGO, consolidation and lesion (GGO ∪ consolidation) for label images."""
-    return {
-        "dice_ggo": dice_score(prediction == GGO, reference == GGO),
-        "dice_consolidation": dice_score(prediction == CONSOLIDATION, reference == CONSOLIDATION),
-        "dice_lesion": dice_score(prediction > 0, reference > 0),
-    }

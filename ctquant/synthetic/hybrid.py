@@ -15,7 +15,7 @@ Edges are blended over about a voxel (partial volume) and the scan's own noise l
 painted values. The lung truth stays the reference; the lesion truth is what was painted (1 GGO,
 2 consolidation; GGO voxels where a vessel kept its density are not GGO). Deterministic by ``seed``.
 
-Arrays are (z, y, x) in LPS as :mod:`ctquant.io` delivers them: z index 0 is the most inferior slice,
+Arrays are (z, y, x) in LPS as :mod:`ctquant.io.scans` delivers them: z index 0 is the most inferior slice,
 y grows towards the patient's back (dependent side of a supine patient).
 """
 

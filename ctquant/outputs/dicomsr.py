@@ -1,6 +1,6 @@
 """A DICOM Structured Report of ctquant's numbers (TID 1500 Measurement Report), written with highdicom.
 
-:func:`write_sr` writes ``measurements.dcm`` beside the SEG (:mod:`ctquant.dicomseg`): a
+:func:`write_sr` writes ``measurements.dcm`` beside the SEG (:mod:`ctquant.outputs.dicomseg`): a
 Comprehensive SR (no spatial coordinates are needed, and it is the class the most readers take) holding, per lung and for both, the lung volume, the GGO and consolidation
 volumes and their % of that lung, so that a PACS, OHIF or 3D Slicer shows the numbers and not only the
 masks. Every number is taken from the measures dict (``measures.json``'s ``lungs``), rounded as there.
@@ -37,7 +37,7 @@ number the lesion model's SHA-256 when ``--method model``); each group's algorit
 (TID 4019) names ctquant and its version with the method and the model, code and config hashes as
 parameters. The SR references the SEG (segments, and the source series through it) and lists the SEG
 and every source CT image as evidence; its patient and study attributes are the SEG's, i.e. the
-source's made conformant (:func:`ctquant.dicomseg.conformant_header`).
+source's made conformant (:func:`ctquant.outputs.dicomseg.conformant_header`).
 
 :func:`read_sr_measures` reads such an SR back into the ``lungs`` layout of the measures dict.
 """
@@ -51,9 +51,9 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from . import __version__
+from ..version import __version__
 from .dicomseg import CONSOLIDATION_CODE, save_dataset
-from .errors import InputError
+from ..errors import InputError
 
 #: (measures key prefix, SEG segment number, tracking identifier) of the lesion groups.
 LESIONS = (("ggo", 3, "Ground-glass opacity"), ("consolidation", 4, "Consolidation"))

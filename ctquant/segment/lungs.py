@@ -24,7 +24,7 @@ through "airless lung" density) leaked 15-67 % of the lung volume into the chest
 neck and abdomen (``../shared/data/real-ct/README.md``). Dense lung is now added only between the lung
 and the rib cage. Known limit: dense lung with no aerated lung in its axial slice (an airless base, a
 whole airless lobe) and dense lung against the mediastinum are missed; README "Accuracy" gives the
-measured share on real scans with pneumonia painted in (:mod:`ctquant.hybrid`).
+measured share on real scans with pneumonia painted in (:mod:`ctquant.synthetic.hybrid`).
 
 Labels follow the lungmask convention: 0 background, 1 right lung, 2 left lung.
 """
@@ -37,6 +37,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
+from .grid import block_mean, coarse_factors, upsample_blocks
+
 log = logging.getLogger(__name__)
 
 RIGHT, LEFT = 1, 2
@@ -44,11 +46,6 @@ RIGHT, LEFT = 1, 2
 #: In-plane 2D connectivity expressed as a 3D structure (no links between slices).
 _SLICEWISE = np.zeros((3, 3, 3), dtype=bool)
 _SLICEWISE[1] = ndi.generate_binary_structure(2, 1)
-
-
-def coarse_factors(spacing_mm: tuple[float, float, float], target_mm: float = 2.5) -> tuple[int, int, int]:
-    """Integer stride per axis (z, y, x) that brings voxels close to ``target_mm``."""
-    return tuple(max(1, int(round(target_mm / s))) for s in spacing_mm)
 
 
 def _sealed_edges(low: np.ndarray) -> np.ndarray:
@@ -403,7 +400,7 @@ def drop_diaphragm_domes(labels: np.ndarray, soft_tissue: np.ndarray, body: np.n
     cross-section, which hole filling and the envelope would call lung. Per axial slice, a soft-tissue
     region of the lungs is dropped when most of it lies directly above non-lung tissue and it hardly
     touches the chest wall (a pleural lesion at the base leans on the chest wall). Axis 0 must run
-    from the feet to the head (LPS), as :mod:`ctquant.io` delivers volumes; ``soft_tissue`` marks
+    from the feet to the head (LPS), as :mod:`ctquant.io.scans` delivers volumes; ``soft_tissue`` marks
     voxels of the dome's density (above about -200 HU).
     """
     added = (labels > 0) & soft_tissue
@@ -425,37 +422,6 @@ def drop_diaphragm_domes(labels: np.ndarray, soft_tissue: np.ndarray, body: np.n
     out = labels.copy()
     out[dome[comps]] = 0
     return out
-
-
-def block_mean(volume: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
-    """Downsample a volume by the mean of whole blocks of ``factors`` (float32).
-
-    Trailing voxels that do not fill a whole block are dropped.
-    """
-    crop = tuple(n - n % f for n, f in zip(volume.shape, factors))
-    blocks = volume[: crop[0], : crop[1], : crop[2]].reshape(
-        crop[0] // factors[0], factors[0], crop[1] // factors[1], factors[1], crop[2] // factors[2], factors[2])
-    return blocks.mean(axis=(1, 3, 5), dtype=np.float32)
-
-
-def block_majority(mask: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
-    """Downsample a boolean volume by whole blocks of ``factors``: a block is set when most of it is."""
-    return block_mean(mask, factors) >= 0.5
-
-
-def upsample_blocks(coarse: np.ndarray, factors: tuple[int, int, int], shape: tuple[int, ...],
-                    pad_mode: str = "edge") -> np.ndarray:
-    """Nearest-neighbour upsampling of a block-wise volume back to ``shape``.
-
-    Voxels beyond the last whole block are padded with ``pad_mode`` (``edge`` or ``constant``: zero).
-    """
-    full = coarse
-    for axis, f in enumerate(factors):
-        if f > 1:
-            full = np.repeat(full, f, axis=axis)
-    full = full[: shape[0], : shape[1], : shape[2]]
-    pad = [(0, n - m) for n, m in zip(shape, full.shape)]
-    return np.pad(full, pad, mode=pad_mode) if any(p[1] for p in pad) else full
 
 
 def _refine(labels_c: np.ndarray, dense_added_c: np.ndarray, hu: np.ndarray, factors: tuple[int, int, int],

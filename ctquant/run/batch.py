@@ -4,7 +4,7 @@ A manifest is a CSV with columns ``subject_id, timepoint, input`` (plus an optio
 any extra columns, which are carried through to ``cohort.csv``). Relative inputs resolve against the
 manifest's folder. Everything is written under the output folder ``DIR``::
 
-    DIR/scans/<subject>/<timepoint>/   one results folder per scan (see ctquant.pipeline), named from
+    DIR/scans/<subject>/<timepoint>/   one results folder per scan (see ctquant.run.scan), named from
                                        the sanitized manifest IDs only
     DIR/cohort.csv                     one row per manifest row: status ok / skipped / failed,
                                        the flattened measures (as in measures.csv), extra columns,
@@ -18,7 +18,7 @@ manifest's folder. Everything is written under the output folder ``DIR``::
     DIR/endpoints/                     the cohort endpoint report, when a subject has >= 2 time points
                                        (``group_by``: per group as well)
 
-IDs are written everywhere as the folders spell them (:func:`ctquant.pipeline.sanitize_id`).
+IDs are written everywhere as the folders spell them (:func:`ctquant.run.scan.sanitize_id`).
 
 **Checks before work.** Time points that no endpoint uses are warned about (with the endpoint's
 spelling when only spaces, case or punctuation differ); the same scan under two subject/time points
@@ -91,9 +91,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence, TextIO
 
-from . import __version__
-from .config import code_sha256, config_hash, file_sha256, load_quantify_config
-from .errors import CtquantError, InputError, Interrupted, ModelError, OutputError
+from ..version import __version__
+from ..config import code_sha256, config_hash, file_sha256, load_quantify_config
+from ..errors import CtquantError, InputError, Interrupted, ModelError, OutputError
+from ..outputs.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class ManifestRow:
 
 
 def _sanitize(text: str) -> str:
-    from .pipeline import sanitize_id
+    from .scan import sanitize_id
 
     return sanitize_id(text)
 
@@ -316,7 +317,7 @@ class BatchSettings:
 def make_settings(method: str = "model", device: str = "auto", config_path: str | Path | None = None,
                   seg_format: str = "nifti", model_path: str | Path | None = None) -> BatchSettings:
     """Validate the options and compute the config and model hashes (model file read, not loaded)."""
-    from .pipeline import METHODS
+    from .scan import METHODS
 
     if method not in METHODS:
         raise InputError(f"unknown method {method!r} (model or hu)")
@@ -329,7 +330,7 @@ def make_settings(method: str = "model", device: str = "auto", config_path: str 
     mpath, mhash = None, None
     if method == "model":
         if model_path is None:
-            from .lesion_model import DEFAULT_MODEL_PATH
+            from ..segment.lesion_model import DEFAULT_MODEL_PATH
 
             model_path = DEFAULT_MODEL_PATH
         mpath = str(Path(model_path).expanduser().resolve())
@@ -491,7 +492,7 @@ def cached_model(path: str, device: str) -> Any:
     key = (path, device)
     with _MODEL_LOCK:
         if key not in _MODELS:
-            from .lesion_model import load_lesion_model
+            from ..segment.lesion_model import load_lesion_model
 
             _MODELS[key] = load_lesion_model(path, device=device)
         return _MODELS[key]
@@ -536,7 +537,7 @@ def run_one(task: ScanTask) -> ScanRecord:
         set_threads(s.torch_threads)
         if not task.input:
             raise InputError("no input given in the manifest")
-        from . import pipeline
+        from . import scan as pipeline
 
         model = cached_model(s.model_path, s.device) if s.method == "model" else None
         measures = pipeline.quantify_to_dir(
@@ -651,7 +652,7 @@ class ProcessExecutor:
             # Workers fork from a server that has already imported torch and the pipeline (fast
             # start; importing torch does not initialise CUDA or thread pools, so forking is safe).
             # As with "spawn", each worker also imports the caller's __main__: scripts need a main guard.
-            self._context.set_forkserver_preload(["torch", "ctquant.batch", "ctquant.pipeline"])
+            self._context.set_forkserver_preload(["torch", "ctquant.run.batch", "ctquant.run.scan"])
         else:  # pragma: no cover - not Linux
             self._context = multiprocessing.get_context("spawn")
 
@@ -944,16 +945,6 @@ def _duration(seconds: float) -> str:
 # Outputs
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write: {exc.strerror or exc}", path) from None
-
-
 def _csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
@@ -1063,24 +1054,18 @@ def _now() -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Endpoint report (ctquant.endpoints)
+# Endpoint report (supplied by ctquant.trial.endpoints, the stage above this one)
 
 
-def endpoint_report(manifest: Path, records: Mapping[tuple[str, str], ScanRecord], out_dir: Path,
-                    endpoints_config: str | Path | None = None, group_by: Optional[str] = None) -> dict[str, Any]:
-    """The cohort endpoint report of this batch's ``records`` in ``out_dir/endpoints``; quantifies nothing."""
-    from .endpoints import run_endpoints
+class EndpointStep(Protocol):
+    """What a batch asks of the endpoint stage: :data:`ctquant.trial.endpoints.ENDPOINT_STEP`."""
 
-    return run_endpoints(manifest, out_dir / "endpoints", config_path=endpoints_config, scan_results=records,
-                         group_by=group_by)
+    def timepoints(self, endpoints_config: str | Path | None) -> list[str]:
+        """The time points the endpoints compare (the config is validated here, before any work)."""
 
-
-def endpoint_timepoints(endpoints_config: str | Path | None) -> list[str]:
-    """The time points the endpoints compare (the config is validated here, before any work)."""
-    from .endpoints import load_endpoints
-
-    config = load_endpoints(endpoints_config)
-    return list(dict.fromkeys(tp for ep in config.endpoints for tp in (ep.from_tp, ep.to_tp)))
+    def report(self, manifest: Path, records: Mapping[tuple[str, str], ScanRecord], out_dir: Path,
+               endpoints_config: str | Path | None, group_by: Optional[str]) -> dict[str, Any]:
+        """The cohort endpoint report of ``records`` in ``out_dir/endpoints``; quantifies nothing."""
 
 
 def check_group_column(extras: Sequence[str], group_by: Optional[str], manifest: Path) -> None:
@@ -1124,14 +1109,20 @@ def run_batch(manifest: str | Path, out_dir: str | Path, *, method: str = "model
               scheduler: Optional[str] = None, executor: Optional[ScanExecutor] = None, force: bool = False,
               model_path: str | Path | None = None, endpoints_config: str | Path | None = None,
               endpoints: Optional[bool] = None, progress: Optional[BatchProgress] = None,
-              allow_duplicates: bool = False, group_by: Optional[str] = None) -> BatchSummary:
+              allow_duplicates: bool = False, group_by: Optional[str] = None,
+              endpoint_step: Optional[EndpointStep] = None) -> BatchSummary:
     """Quantify every manifest row into ``out_dir`` (see the module docstring); never raises for one scan.
+
+    ``ctquant batch`` is :func:`ctquant.trial.endpoints.run_cohort`: this with the endpoint step.
 
     Args:
         workers: local processes (1: in this process); ignored when ``scheduler`` or ``executor`` is given.
         scheduler: a Dask scheduler address (``tcp://host:8786``).
         executor: an executor object (e.g. ``DaskExecutor(client=...)``); not closed here.
-        endpoints: write the endpoint report (default: when some subject has >= 2 time points).
+        endpoints: write the endpoint report (default: when some subject has >= 2 time points and
+            ``endpoint_step`` is given).
+        endpoint_step: the endpoint stage (:data:`ctquant.trial.endpoints.ENDPOINT_STEP`); without it no
+            endpoint report is written.
         allow_duplicates: the same scan (input, files or SeriesInstanceUID) under two subject/time
             points is a warning, not an error.
         group_by: an extra manifest column (e.g. ``arm``): the endpoint report per group as well.
@@ -1153,12 +1144,14 @@ def run_batch(manifest: str | Path, out_dir: str | Path, *, method: str = "model
     rows, extras = read_manifest(manifest)
     check_group_column(extras, group_by, manifest)
     settings = make_settings(method, device, config_path, seg_format, model_path)
-    want_endpoints = manifest_has_follow_up(rows) if endpoints is None else endpoints
+    if endpoints and endpoint_step is None:
+        raise ValueError("an endpoint report needs endpoint_step (ctquant.trial.endpoints.run_cohort passes it)")
+    want_endpoints = endpoint_step is not None and (manifest_has_follow_up(rows) if endpoints is None else endpoints)
     if want_endpoints:
-        for message in timepoint_warnings(rows, endpoint_timepoints(endpoints_config)):
+        for message in timepoint_warnings(rows, endpoint_step.timepoints(endpoints_config)):
             log.warning("%s: %s", manifest, message)
     if executor is None and not scheduler:
-        from .pipeline import resolve_device
+        from ..config import resolve_device
 
         resolve_device(device)  # --device cuda without a GPU: fail once, not per scan
     check_paths(rows, out_dir)
@@ -1209,7 +1202,7 @@ def run_batch(manifest: str | Path, out_dir: str | Path, *, method: str = "model
                 summary.duplicates_error = exc
         if want_endpoints and summary.duplicates_error is None:
             try:
-                summary.endpoints = endpoint_report(manifest, records, out_dir, endpoints_config, group_by)
+                summary.endpoints = endpoint_step.report(manifest, records, out_dir, endpoints_config, group_by)
             except CtquantError as exc:
                 log.warning("endpoint report not written: %s", exc)
                 summary.endpoints_error = exc
@@ -1239,14 +1232,14 @@ def _write_outputs(manifest: Path, rows: Sequence[ManifestRow], extras: Sequence
                    settings: BatchSettings, executor: str) -> BatchSummary:
     failures = [r for r in ordered if r.status == "failed"]
     failures_csv, cohort_csv = out_dir / "failures.csv", out_dir / "cohort.csv"
-    _atomic_write(failures_csv, _csv_text([r.failure_row() for r in failures], FAILURE_COLUMNS))
+    atomic_write_text(failures_csv, _csv_text([r.failure_row() for r in failures], FAILURE_COLUMNS))
     table, columns = cohort_rows(rows, records, extras, out_dir)
-    _atomic_write(cohort_csv, _csv_text(table, columns))
-    _atomic_write(out_dir / "inputs.csv", _csv_text(input_rows(rows), INPUT_COLUMNS))
+    atomic_write_text(cohort_csv, _csv_text(table, columns))
+    atomic_write_text(out_dir / "inputs.csv", _csv_text(input_rows(rows), INPUT_COLUMNS))
     tracebacks = [r for r in failures if r.traceback]
     log_path = out_dir / "failures.log"
     if tracebacks:
-        _atomic_write(log_path, "".join(f"== {r.subject_id}/{r.timepoint} (manifest line {r.line})\n{r.traceback}\n"
+        atomic_write_text(log_path, "".join(f"== {r.subject_id}/{r.timepoint} (manifest line {r.line})\n{r.traceback}\n"
                                         for r in tracebacks))
     elif log_path.exists():
         log_path.unlink()
@@ -1270,4 +1263,4 @@ def _write_batch_json(summary: BatchSummary, manifest: Path, settings: BatchSett
         "started_utc": started,
         "finished_utc": _now(),
     }
-    _atomic_write(summary.out_dir / "batch.json", json.dumps(doc, indent=2) + "\n")
+    atomic_write_text(summary.out_dir / "batch.json", json.dumps(doc, indent=2) + "\n")

@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
+from ..version import __version__
 from .dicomseg import COLOURS
-from .lesions import CONSOLIDATION, GGO
-from .lungs import LEFT, RIGHT
+from ..segment.lesions import CONSOLIDATION, GGO
+from ..segment.lungs import LEFT, RIGHT
 
 #: Lung window (HU): width 1500, level -600.
 WINDOW = (-600.0 - 750.0, -600.0 + 750.0)

@@ -19,17 +19,17 @@ import re
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
-from . import __version__
-from .config import code_sha256, config_hash, file_sha256, load_quantify_config
-from .errors import InputError, OutputError
-from .io import Scan, load_scan, write_label_image
+from ..version import __version__
+from ..config import code_sha256, config_hash, file_sha256, load_quantify_config, resolve_device
+from ..errors import InputError, OutputError
+from ..io.scans import Scan, load_scan, write_label_image
+from ..outputs.atomic import atomic_output_dir
 
 # The lung, lesion and measure steps (scipy, scikit-image) are imported where they run, so that a bad
 # option or output folder is refused without waiting for those imports.
@@ -55,28 +55,31 @@ def sanitize_id(text: str) -> str:
     return cleaned[:64]
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` becomes ``cuda`` when a GPU is usable, else ``cpu``."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise InputError(f"unknown device {device!r} (auto, cpu or cuda)")
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda asked for, but no CUDA GPU is available")
-    return device
-
-
 @dataclass
-class Segmentation:
-    """A scan with its lung and lesion labels, measures and stage timings (seconds)."""
+class Result:
+    """One quantified scan: the scan, its lung and lesion labels, the measures (with provenance) and stage
+    timings (seconds). What :func:`quantify` returns; :meth:`save` writes what ``ctquant quantify`` writes."""
 
     scan: Scan
     lung_labels: np.ndarray
     lesion_labels: np.ndarray
     measures: dict[str, Any]
     timings_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def masks(self) -> dict[str, np.ndarray]:
+        """``lungs`` (0 outside, 1 right, 2 left) and ``lesions`` (0 none, 1 GGO, 2 consolidation), (z, y, x)."""
+        return {"lungs": self.lung_labels, "lesions": self.lesion_labels}
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Where the numbers come from: versions, code hash, method, model, config, input series, device."""
+        return self.measures["provenance"]
+
+    def save(self, out_dir: str | Path, seg_format: str = "nifti", report: bool = True) -> Path:
+        """Write the results folder (``measures.json``, ``measures.csv``, masks, ``qc.png``,
+        ``report.html``) atomically, as ``ctquant quantify --out`` does; returns ``out_dir``."""
+        return write_results(self, out_dir, seg_format, report)
 
 
 def software_versions() -> dict[str, str]:
@@ -92,10 +95,59 @@ def software_versions() -> dict[str, str]:
             "pydicom": pydicom.__version__, "scikit-image": skimage.__version__}
 
 
+def segment_lungs(scan: Scan) -> np.ndarray:
+    """Lung labels of a loaded scan (0 outside, 1 right, 2 left) on its grid; a scan without lungs is refused."""
+    from ..segment.lungs import segment_lungs as lungs_of
+
+    lung_labels = lungs_of(scan.hu, scan.spacing_mm)
+    if not lung_labels.any():
+        raise InputError("no lung found in the scan (an abdominal or non-chest series?): nothing to quantify",
+                         scan.meta.get("input"))
+    return lung_labels
+
+
+def segment_lesions(scan: Scan, lung_labels: np.ndarray, *, method: str = "model",
+                    config: dict[str, Any] | None = None, device: str = "auto", model: Any = None) -> np.ndarray:
+    """Lesion labels inside the lungs (0 none, 1 GGO, 2 consolidation).
+
+    ``method``: ``model`` (the shipped MONAI network; ``model`` an already loaded one, else loaded on
+    ``device``) or ``hu`` (the HU bands and vessel removal of ``config``, default configs/quantify.yaml).
+    """
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r} (model or hu)")
+    if method == "hu":
+        from ..segment.lesions import VESSEL_SETTINGS, segment_lesions_hu
+
+        config = config or load_quantify_config()
+        bands = config["hu_bands"]
+        vessels = config.get("vessel_removal", {})
+        return segment_lesions_hu(
+            scan.hu, lung_labels, scan.spacing_mm, ggo_band_hu=tuple(bands["ggo"]),
+            consolidation_band_hu=tuple(bands["consolidation"]),
+            **{key: float(vessels[key]) for key in VESSEL_SETTINGS if key in vessels})
+    from ..segment.lesion_model import load_lesion_model, segment_lesions as lesions_of
+
+    return lesions_of(scan.hu, lung_labels, model or load_lesion_model(device=device))
+
+
+def measure(scan: Scan, lung_labels: np.ndarray, lesion_labels: np.ndarray,
+            config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per-lung volumes, fractions and mean HU (``lungs``), bilateral involvement (``bilateral``) and
+    quality ``flags`` of labelled masks (thresholds from ``config``, default configs/quantify.yaml)."""
+    from ..measures.volumes import bilateral_flags, lung_measures, quality_flags
+
+    config = config or load_quantify_config()
+    lungs = lung_measures(scan.hu, lung_labels, lesion_labels, scan.spacing_mm)
+    return {"lungs": lungs,
+            "bilateral": bilateral_flags(lungs, float(config.get("bilateral_min_pct_of_lung", 0.5))),
+            "flags": quality_flags(lung_labels, lungs, config)}
+
+
 def analyse_scan(scan: Scan, *, method: str = "model", device: str = "cpu", config: dict[str, Any] | None = None,
                  model: Any = None, subject_id: str | None = None, timepoint: str | None = None,
-                 progress: Callable[[str], None] | None = None) -> Segmentation:
-    """Lungs, lesions and measures for a loaded scan (no file output).
+                 progress: Callable[[str], None] | None = None) -> Result:
+    """Lungs, lesions and measures for a loaded scan (no file output): :func:`segment_lungs`,
+    :func:`segment_lesions`, :func:`measure` and the provenance.
 
     Args:
         method: ``model`` (the shipped MONAI network) or ``hu`` (HU bands).
@@ -104,41 +156,26 @@ def analyse_scan(scan: Scan, *, method: str = "model", device: str = "cpu", conf
     """
     if method not in METHODS:
         raise InputError(f"unknown method {method!r} (model or hu)")
-    from .lesions import VESSEL_SETTINGS, segment_lesions_hu
-    from .lungs import segment_lungs
-    from .quantify import bilateral_flags, lung_measures, quality_flags
-
     progress = progress or (lambda stage: None)
     config = config or load_quantify_config()
     timings: dict[str, float] = {}
     progress("segmenting the lungs")
     t0 = time.perf_counter()
-    lung_labels = segment_lungs(scan.hu, scan.spacing_mm)
+    lung_labels = segment_lungs(scan)
     timings["lungs"] = time.perf_counter() - t0
-    if not lung_labels.any():
-        raise InputError("no lung found in the scan (an abdominal or non-chest series?): nothing to quantify",
-                         scan.meta.get("input"))
     progress(f"segmenting lesions ({method})")
     t0 = time.perf_counter()
     model_info: dict[str, Any] = {"model_file": None, "model_sha256": None}
-    if method == "hu":
-        bands = config["hu_bands"]
-        vessels = config.get("vessel_removal", {})
-        lesion_labels = segment_lesions_hu(
-            scan.hu, lung_labels, scan.spacing_mm, ggo_band_hu=tuple(bands["ggo"]),
-            consolidation_band_hu=tuple(bands["consolidation"]),
-            **{key: float(vessels[key]) for key in VESSEL_SETTINGS if key in vessels})
-    else:
-        from .lesion_model import load_lesion_model, segment_lesions
+    if method == "model":
+        from ..segment.lesion_model import load_lesion_model
 
         model = model or load_lesion_model(device=device)
-        lesion_labels = segment_lesions(scan.hu, lung_labels, model)
         model_info = {"model_file": Path(model.path).name, "model_sha256": model.sha256}
+    lesion_labels = segment_lesions(scan, lung_labels, method=method, config=config, device=device, model=model)
     timings["lesions"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    lungs = lung_measures(scan.hu, lung_labels, lesion_labels, scan.spacing_mm)
-    bilateral = bilateral_flags(lungs, float(config.get("bilateral_min_pct_of_lung", 0.5)))
-    flags = quality_flags(lung_labels, lungs, config)
+    measured = measure(scan, lung_labels, lesion_labels, config)
+    lungs, bilateral, flags = measured["lungs"], measured["bilateral"], measured["flags"]
     timings["quantify"] = time.perf_counter() - t0
     subject = sanitize_id(subject_id) if subject_id else (scan.meta.get("subject_hash") or None)
     measures = {
@@ -174,7 +211,7 @@ def analyse_scan(scan: Scan, *, method: str = "model", device: str = "cpu", conf
     }
     for flag in flags:
         log.warning("%s: %s", scan.meta.get("input"), flag)
-    return Segmentation(scan, lung_labels, lesion_labels, measures, timings)
+    return Result(scan, lung_labels, lesion_labels, measures, timings)
 
 
 def previous_run_files(out_dir: Path) -> set[str]:
@@ -189,51 +226,20 @@ def previous_run_files(out_dir: Path) -> set[str]:
     return {n for n in names if n == Path(n).name and n not in ("", ".", "..") and (out_dir / n).is_file()}
 
 
-@contextmanager
-def atomic_output_dir(out_dir: str | Path) -> Iterator[Path]:
-    """A temporary folder beside ``out_dir`` whose files move into ``out_dir`` only on success.
-
-    ``measures.json`` moves last, so a folder with it is complete. On any error the temporary folder
-    is removed and ``out_dir`` is left as it was. A folder holds one run: files of an older run that
-    this one does not write (see :func:`previous_run_files`) are removed once the new files are in.
-    """
-    out_dir = Path(out_dir)
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    except OSError as exc:
-        raise OutputError(f"cannot write here: {exc.strerror or exc}", out_dir) from None
-    try:
-        yield tmp
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stale = previous_run_files(out_dir)
-        (out_dir / "measures.json").unlink(missing_ok=True)  # an older result must not look complete midway
-        names = sorted(p.name for p in tmp.iterdir())
-        names.sort(key=lambda n: n == "measures.json")
-        for name in sorted(stale - set(names)):
-            (out_dir / name).unlink(missing_ok=True)
-        for name in names:
-            os.replace(tmp / name, out_dir / name)
-    except OSError as exc:
-        raise OutputError(f"cannot write results: {exc.strerror or exc}", out_dir) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_results(seg: Segmentation, out_dir: str | Path, seg_format: str = "nifti", report: bool = True) -> Path:
+def write_results(seg: Result, out_dir: str | Path, seg_format: str = "nifti", report: bool = True) -> Path:
     """Write a results folder atomically (see module docstring); ``report``: also ``qc.png`` and
-    ``report.html`` (:mod:`ctquant.qc`, :mod:`ctquant.reports`)."""
-    from .quantify import flatten
+    ``report.html`` (:mod:`ctquant.outputs.qc`, :mod:`ctquant.outputs.reports`)."""
+    from ..measures.volumes import flatten
 
     check_seg_format(seg_format)
     out_dir = Path(out_dir)
-    with atomic_output_dir(out_dir) as tmp:
+    with atomic_output_dir(out_dir, last="measures.json", stale=previous_run_files) as tmp:
         if seg_format in ("nifti", "both"):
             write_label_image(seg.scan, seg.lung_labels, tmp / "lungs.nii.gz")
             write_label_image(seg.scan, seg.lesion_labels, tmp / "lesions.nii.gz")
         if seg_format in ("dicom-seg", "both"):
-            from .dicomseg import source_headers, write_seg
-            from .dicomsr import write_sr
+            from ..outputs.dicomseg import source_headers, write_seg
+            from ..outputs.dicomsr import write_sr
 
             seg_path = write_seg(seg.scan, seg.lung_labels, seg.lesion_labels, tmp / "segmentation.dcm",
                                  method=seg.measures["method"],
@@ -252,7 +258,7 @@ def write_results(seg: Segmentation, out_dir: str | Path, seg_format: str = "nif
             writer.writeheader()
             writer.writerow(row)
         if report:
-            from .reports import write_scan_outputs
+            from ..outputs.reports import write_scan_outputs
 
             write_scan_outputs(seg, tmp)  # qc.png, report.html
         m["files"] = sorted([p.name for p in tmp.iterdir()] + ["measures.json"])  # the files of this run
@@ -353,7 +359,7 @@ def _check_seg_source(scan: Scan, seg_format: str) -> None:
     """DICOM SEG needs a DICOM source with its UIDs: refuse before segmenting."""
     if seg_format == "nifti":
         return
-    from .dicomseg import check_source
+    from ..outputs.dicomseg import check_source
 
     if scan.meta.get("series_uid_missing") or any(
             not str(getattr(ds, "SOPInstanceUID", "") or "").strip() for ds in scan.source_datasets):
@@ -362,48 +368,55 @@ def _check_seg_source(scan: Scan, seg_format: str) -> None:
     check_source(scan)
 
 
-def quantify_to_dir(input_path: str | Path, out_dir: str | Path, *, method: str = "model", device: str = "auto",
-                    subject_id: str | None = None, timepoint: str | None = None,
-                    config_path: str | Path | None = None, series_uid: str | None = None,
-                    seg_format: str = "nifti", model: Any = None,
-                    extra_provenance: dict[str, Any] | None = None,
-                    progress: Callable[[str], None] | None = None,
-                    refuse_other_run: bool = False) -> dict[str, Any]:
-    """Load ``input_path``, quantify it and write ``out_dir``; returns the measures dict.
+def quantify(input_path: str | Path, *, out_dir: str | Path | None = None, method: str = "model",
+             device: str = "auto", subject_id: str | None = None, timepoint: str | None = None,
+             config_path: str | Path | None = None, series_uid: str | None = None, seg_format: str = "nifti",
+             model: Any = None, extra_provenance: dict[str, Any] | None = None,
+             progress: Callable[[str], None] | None = None, refuse_other_run: bool = False) -> Result:
+    """Load ``input_path`` (DICOM folder/file or volume), segment and measure it: ``ctquant quantify``.
 
-    Options, the config and the output folder are checked before the scan is read, free space and
-    the DICOM SEG source right after (before the long segmentation). ``refuse_other_run``: refuse an
-    ``out_dir`` holding the result of another subject or series (``ctquant quantify`` without
-    ``--force``); either way files of an older run that this run does not write are removed.
+    With ``out_dir`` the results folder is written too (as by :meth:`Result.save`), and the folder is
+    checked before the scan is read: options, the config and the output folder first, free space and
+    the DICOM SEG source right after loading (before the long segmentation). ``refuse_other_run``:
+    refuse an ``out_dir`` holding the result of another subject or series (``ctquant quantify``
+    without ``--force``); either way files of an older run that this run does not write are removed.
     ``extra_provenance`` (e.g. the batch runner's input fingerprint) is merged into ``provenance``;
     ``progress`` is called with each stage's name as it starts.
     """
     progress = progress or (lambda stage: None)
-    out_dir = Path(out_dir)
     config = load_quantify_config(config_path)
     if device not in ("auto", "cpu", "cuda"):
         resolve_device(device)  # a bad --device is refused before a long load
     if method not in METHODS:
         raise InputError(f"unknown method {method!r} (model or hu)")
     check_seg_format(seg_format)
-    check_writable(out_dir)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        check_writable(out_dir)
     progress("reading the scan")
     t0 = time.perf_counter()
     scan = load_scan(input_path, series_uid, config.get("series_selection"))
     load_s = time.perf_counter() - t0
-    _check_seg_source(scan, seg_format)
-    if refuse_other_run:
-        check_other_run(out_dir, run_identity(scan, subject_id))
-    check_free_space(out_dir, estimated_result_bytes(scan, seg_format))
+    if out_dir is not None:
+        _check_seg_source(scan, seg_format)
+        if refuse_other_run:
+            check_other_run(out_dir, run_identity(scan, subject_id))
+        check_free_space(out_dir, estimated_result_bytes(scan, seg_format))
     device = resolve_device(device)  # imports torch: only once the input is known to load
-    seg = analyse_scan(scan, method=method, device=device, config=config, model=model,
-                       subject_id=subject_id, timepoint=timepoint, progress=progress)
+    result = analyse_scan(scan, method=method, device=device, config=config, model=model,
+                          subject_id=subject_id, timepoint=timepoint, progress=progress)
     if extra_provenance:
-        seg.measures["provenance"].update(extra_provenance)
-    seg.timings_s = {"load": load_s, **seg.timings_s}
-    progress("writing results")
-    t0 = time.perf_counter()
-    write_results(seg, out_dir, seg_format)
-    seg.timings_s["write"] = time.perf_counter() - t0
-    log.info("timings (s): %s", {k: round(v, 2) for k, v in seg.timings_s.items()})
-    return seg.measures
+        result.measures["provenance"].update(extra_provenance)
+    result.timings_s = {"load": load_s, **result.timings_s}
+    if out_dir is not None:
+        progress("writing results")
+        t0 = time.perf_counter()
+        result.save(out_dir, seg_format)
+        result.timings_s["write"] = time.perf_counter() - t0
+        log.info("timings (s): %s", {k: round(v, 2) for k, v in result.timings_s.items()})
+    return result
+
+
+def quantify_to_dir(input_path: str | Path, out_dir: str | Path, **options: Any) -> dict[str, Any]:
+    """:func:`quantify` with a results folder; returns the measures dict (the batch runner's call)."""
+    return quantify(input_path, out_dir=out_dir, **options).measures

@@ -11,33 +11,30 @@ Two modes, both used by ``ctquant agree``:
   CSV of numbers or categories: ICC, Bland–Altman and correlations for continuous measures; Cohen's
   (weighted for ordinal) and Fleiss' kappa with % agreement for categorical ones.
 
-Arrays follow :mod:`ctquant.io`: numpy (z, y, x), ``spacing_mm`` (z, y, x). Pure computations are
-:func:`mask_metrics` and the functions of :mod:`ctquant.agreement_stats`; the rest is I/O glue.
+Arrays follow :mod:`ctquant.io.scans`: numpy (z, y, x), ``spacing_mm`` (z, y, x). Pure computations are
+:func:`mask_metrics` and the functions of :mod:`ctquant.trial.stats`; the rest is I/O glue.
 Outputs are written atomically (:func:`atomic_output`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
 import os
 import re
-import shutil
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from . import __version__
-from .agreement_stats import (
+from ..version import __version__
+from .stats import (
     NAN,
     bland_altman,
     bland_altman_plot,
@@ -49,11 +46,13 @@ from .agreement_stats import (
     jsonable,
     pairs_of,
 )
-from .errors import CtquantError, GeometryError, InputError, OutputError
+from ..measures.overlap import dice_score
+from ..outputs.atomic import atomic_output_dir
+from ..errors import CtquantError, GeometryError, InputError
 
 #: Default label map of lesion masks (``ctquant quantify``'s ``lesions.nii.gz`` convention).
 DEFAULT_LABELS = "1=ggo,2=consolidation"
-#: File suffixes accepted as masks (``.dcm`` = DICOM SEG through :mod:`ctquant.dicomseg`).
+#: File suffixes accepted as masks (``.dcm`` = DICOM SEG through :mod:`ctquant.outputs.dicomseg`).
 MASK_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 #: File names inside a ``ctquant quantify`` case folder.
 QUANTIFY_LESIONS = "lesions.nii.gz"
@@ -196,14 +195,14 @@ def mask_metrics(a: np.ndarray, b: np.ndarray, spacing_mm: Sequence[float]) -> d
         "volume_b_ml": n_b * voxel_ml,
         "volume_diff_ml": (n_a - n_b) * voxel_ml,
         "note": "",
+        "dice": dice_score(a, b),  # 1 where both are empty, 0 where only one is
     }
     if n_a == 0 and n_b == 0:
-        out.update(dice=1.0, jaccard=1.0, hd95_mm=0.0, assd_mm=0.0, note="both empty")
+        out.update(jaccard=1.0, hd95_mm=0.0, assd_mm=0.0, note="both empty")
     elif n_a == 0 or n_b == 0:
-        out.update(dice=0.0, jaccard=0.0, hd95_mm=NAN, assd_mm=NAN, note="one empty")
+        out.update(jaccard=0.0, hd95_mm=NAN, assd_mm=NAN, note="one empty")
     else:
         inter = int(np.count_nonzero(a & b))
-        out["dice"] = 2.0 * inter / (n_a + n_b)
         out["jaccard"] = inter / (n_a + n_b - inter)
         out["hd95_mm"], out["assd_mm"] = surface_distances_mm(a, b, spacing_mm)
     return {k: out[k] for k in ("dice", "jaccard", "hd95_mm", "assd_mm", "volume_a_ml", "volume_b_ml",
@@ -231,16 +230,16 @@ def is_dicom_seg(path: str | Path) -> bool:
 
 def read_label_image(path: str | Path, *, which: str = "lesions", reference: sitk.Image | None = None) -> sitk.Image:
     """Read a 3-D label map (NIfTI/NRRD/MHA via SimpleITK; ``.dcm`` DICOM SEG via
-    :func:`ctquant.dicomseg.read_seg`, its ``which`` ("lesions" or "lungs") label map, on the
+    :func:`ctquant.outputs.dicomseg.read_seg`, its ``which`` ("lesions" or "lungs") label map, on the
     ``reference`` grid when one is given). Raises :class:`InputError` when unreadable or unsuitable."""
     path = Path(path)
     if not path.is_file():
         raise InputError("mask file not found", path)
     if is_dicom_seg(path):
         try:
-            from .dicomseg import read_seg  # another module; optional here
+            from ..outputs.dicomseg import read_seg  # another module; optional here
         except ImportError:
-            raise InputError("DICOM SEG input needs ctquant.dicomseg.read_seg, which this installation lacks",
+            raise InputError("DICOM SEG input needs ctquant.outputs.dicomseg.read_seg, which this installation lacks",
                              path) from None
         try:
             if which == "lesions" and reference is None:
@@ -278,7 +277,7 @@ def label_array(image: sitk.Image, path: str | Path) -> np.ndarray:
 
 
 def spacing_zyx(image: sitk.Image) -> tuple[float, float, float]:
-    """SimpleITK (x, y, z) spacing as (z, y, x) mm, the :mod:`ctquant.io` convention."""
+    """SimpleITK (x, y, z) spacing as (z, y, x) mm, the :mod:`ctquant.io.scans` convention."""
     sx, sy, sz = image.GetSpacing()
     return (float(sz), float(sy), float(sx))
 
@@ -517,37 +516,6 @@ def parse_reader_labels(specs: Sequence[str], readers: Sequence[Reader]) -> None
 # --------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def atomic_output(out_dir: str | Path) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside ``out_dir``; on success move its files into ``out_dir``.
-
-    A new ``out_dir`` appears by one rename; an existing one gets each file replaced by a rename.
-    On any error the temporary folder is removed and ``out_dir`` is left as it was.
-    """
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError("exists and is not a folder", out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-    except OSError as exc:
-        raise OutputError(f"cannot create output folder: {exc.strerror or exc}", out_dir) from None
-    try:
-        yield tmp
-        if not out_dir.exists():
-            os.replace(tmp, out_dir)
-        else:
-            for item in sorted(tmp.iterdir()):
-                os.replace(item, out_dir / item.name)
-            tmp.rmdir()
-    except OSError as exc:
-        raise OutputError(f"cannot write outputs: {exc.strerror or exc}", out_dir) from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:
     frame.to_csv(path, index=False, na_rep="", float_format="%.6g", quoting=csv.QUOTE_MINIMAL)
 
@@ -632,7 +600,7 @@ def analyse_categorical(wide: pd.DataFrame, *, categories: Sequence[Any] | None 
     readers = list(wide.columns)
     values = {v for col in readers for v in wide[col] if v is not None and not _isnan(v)}
     if categories is None:
-        from .agreement_stats import _sort_key
+        from .stats import _sort_key
 
         categories = sorted(values, key=_sort_key)
     out: dict[str, Any] = {"type": "ordinal" if ordinal else "categorical",
@@ -855,7 +823,7 @@ def run_mask_agreement(
     summary: dict[str, Any] = {"mode": "masks", "provenance": provenance, "readers": reader_names,
                                "classes": all_classes, "n_cases": len(matched), "labels": {}, "warnings": messages}
     files: list[str] = []
-    with atomic_output(out_dir) as tmp:
+    with atomic_output_dir(out_dir) as tmp:
         for cls in all_classes:
             summary["labels"][cls] = _summarize_label(cases[cases["label"] == cls], volumes[volumes["label"] == cls],
                                                       cls, reader_names, tmp, files)
@@ -1014,7 +982,7 @@ def run_table_agreement(
     summary: dict[str, Any] = {"measures": {}}
     rows: list[dict[str, Any]] = []
     files: list[str] = []
-    with atomic_output(out_dir) as tmp:
+    with atomic_output_dir(out_dir) as tmp:
         for measure, raw in tables.items():
             n_matched = int((raw != "").sum(axis=1).ge(2).sum())
             if n_matched == 0:

@@ -8,12 +8,13 @@ decrease, so that measurement noise is not called improvement). See the comments
 The pure functions (:func:`change`, :func:`is_bilateral`, :func:`reduction_verdict`,
 :func:`cohort_summary`, :func:`clopper_pearson`) do the arithmetic; :func:`run_compare` and
 :func:`run_endpoints` are the ``ctquant compare`` / ``ctquant endpoints`` commands without the CLI.
-A cohort's scans are quantified by :mod:`ctquant.batch` (resumable, parallel, failure-isolated).
+A cohort's scans are quantified by :mod:`ctquant.run.batch` (resumable, parallel, failure-isolated).
 All outputs are staged in temporary files and renamed into place only when every one is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -24,15 +25,17 @@ import re
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
-from . import __version__
-from .batch import (ManifestRow, ScanRecord, check_group_column, make_progress, read_manifest, run_batch,
-                    timepoint_warnings)
-from .config import CONFIG_DIR, code_sha256, config_hash, file_sha256, load_yaml, merge
-from .errors import InputError, IncompatibleResults, OutputError
+from ..version import __version__
+from ..run.batch import (BatchSummary, ManifestRow, ScanRecord, check_group_column, make_progress, read_manifest,
+                         run_batch, timepoint_warnings)
+from ..config import CONFIG_DIR, code_sha256, config_hash, file_sha256, load_yaml, merge
+from ..errors import InputError, IncompatibleResults, OutputError
+from ..outputs.atomic import atomic_output_dir
+from ..outputs.columns import SUBJECT_COLUMNS
 
-log = logging.getLogger("ctquant.endpoints")
+log = logging.getLogger("ctquant.trial.endpoints")
 
 #: Schema tags of the files read and written here.
 MEASURES_SCHEMA = "ctquant.measures/1"
@@ -521,25 +524,14 @@ def _truthy(value: Any) -> bool:
 
 
 class _StagedOutputs:
-    """Write files beside their final names, then rename them all into place at :meth:`commit`.
+    """Writers of the files of one report, staged by :func:`ctquant.outputs.atomic.atomic_output_dir`:
+    on an exception nothing of this run is left in the output folder."""
 
-    Used as a context manager: on an exception every temporary file is removed and nothing of this
-    run is left in the output folder.
-    """
-
-    def __init__(self, out_dir: Path):
-        self.out_dir = Path(out_dir)
-        try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create output folder: {exc.strerror or exc}", self.out_dir) from None
-        self._staged: dict[Path, Path] = {}
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
 
     def path(self, name: str) -> Path:
-        final = self.out_dir / name
-        tmp = self.out_dir / f".{name}.{os.getpid()}.tmp"
-        self._staged[final] = tmp
-        return tmp
+        return self.tmp / name
 
     def write_text(self, name: str, text: str) -> None:
         tmp = self.path(name)
@@ -559,32 +551,15 @@ class _StagedOutputs:
             writer.writerow({k: _csv_cell(row.get(k)) for k in columns})
         self.write_text(name, buf.getvalue())
 
-    def commit(self) -> list[Path]:
-        for final, tmp in self._staged.items():
-            try:
-                os.replace(tmp, final)
-            except OSError as exc:
-                raise OutputError(f"cannot write: {exc.strerror or exc}", final) from None
-        done = list(self._staged)
-        self._staged.clear()
-        return done
 
-    def discard(self) -> None:
-        for tmp in self._staged.values():
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-        self._staged.clear()
-
-    def __enter__(self) -> "_StagedOutputs":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.discard()
+@contextlib.contextmanager
+def _staged_outputs(out_dir: Path) -> Iterator[_StagedOutputs]:
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)  # the folder is there even when a write fails
+    except OSError as exc:
+        raise OutputError(f"cannot create output folder: {exc.strerror or exc}", out_dir) from None
+    with atomic_output_dir(out_dir) as tmp:
+        yield _StagedOutputs(tmp)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -796,7 +771,7 @@ def run_compare(
         if role not in results:
             if not inputs[role].exists():
                 raise InputError("no such file or folder", inputs[role])
-            from .pipeline import quantify_to_dir, sanitize_id  # only when a scan must be quantified
+            from ..run.scan import quantify_to_dir, sanitize_id  # only when a scan must be quantified
 
             target = out_dir / sanitize_id(labels[role])
             sid = subject_id or (results.get("from") or results.get("to") or {}).get("subject_id")
@@ -861,7 +836,7 @@ def run_compare(
             "created_utc": _now(),
         },
     }
-    with _StagedOutputs(out_dir) as out:
+    with _staged_outputs(out_dir) as out:
         out.write_csv("comparison.csv", rows, list(rows[0]))
         out.write_csv("verdicts.csv", verdict_rows,
                       ["subject_id", "endpoint", "measure", "from_timepoint", "to_timepoint", "from_value",
@@ -909,7 +884,7 @@ def _extra_values(rows: Sequence[ManifestRow], extras: Sequence[str]) -> dict[st
 
 def _folder_tp(label: str) -> str:
     """A time point as folders and tables spell it (``day 14`` -> ``day_14``)."""
-    from .pipeline import sanitize_id
+    from ..run.scan import sanitize_id
 
     try:
         return sanitize_id(label)
@@ -961,12 +936,6 @@ def subject_row(endpoint: Endpoint, subject_id: str,
     return row
 
 
-SUBJECT_COLUMNS = (
-    ["subject_id", "endpoint", "measure", "from_timepoint", "to_timepoint", "evaluable", "reduction",
-     "verdict", "reason", "bilateral_at_baseline"]
-    + [f"{lung}_{k}" for lung in LUNGS for k in ("from", "to", "abs_change", "rel_change_pct")]
-    + ["days_between", "mismatch", "from_flags", "to_flags", "from_result", "to_result"]
-)
 COHORT_COLUMNS = [
     "endpoint", "group", "measure", "from", "to", "scope", "evaluate", "min_relative_decrease_pct",
     "min_absolute_decrease", "n_subjects", "n_evaluable", "n_reduction", "pct_reduction",
@@ -998,7 +967,7 @@ def group_label(column: str, value: str) -> str:
 
 
 def _plot_suffix(column: str, value: str) -> str:
-    from .pipeline import sanitize_id
+    from ..run.scan import sanitize_id
 
     try:
         return f"_{sanitize_id(column)}-{sanitize_id(value)}"
@@ -1023,7 +992,7 @@ def run_endpoints(
 ) -> dict[str, Any]:
     """Evaluate every endpoint over a manifest's cohort; write the tables and plots.
 
-    Without ``scan_results`` the manifest's scans are quantified by :func:`ctquant.batch.run_batch`
+    Without ``scan_results`` the manifest's scans are quantified by :func:`ctquant.run.batch.run_batch`
     into ``out_dir`` (``scans/``, ``cohort.csv``, ``failures.csv``, ``batch.json``; current results are
     reused, so a re-run only redoes what is missing, outdated or failed) and the report goes to
     ``out_dir/endpoints/``, as ``ctquant batch`` writes it. ``scan_results`` (batch records keyed by
@@ -1119,7 +1088,7 @@ def run_endpoints(
     table = [row for s in summaries for row in (s, *by_endpoint[s["endpoint"]])]
     cohort_rows = [{**s, "not_evaluable": [f"{x['subject_id']}: {x['reason']}" for x in s["not_evaluable"]],
                     "endpoints_config_sha256": config.sha256, "ctquant_version": __version__} for s in table]
-    with _StagedOutputs(report_dir) as out:
+    with _staged_outputs(report_dir) as out:
         out.write_csv("endpoints.csv", cohort_rows, COHORT_COLUMNS)
         out.write_json("endpoints.json", doc)
         out.write_csv("subjects.csv", subject_rows, SUBJECT_COLUMNS + extra_cols)
@@ -1179,3 +1148,29 @@ def cohort_table(doc: Mapping[str, Any]):
         name = s["endpoint"] if s.get("group", OVERALL) == OVERALL else f"  {s['group']}"
         table.add_row(name, f"{s['n_evaluable']}/{s['n_subjects']}", str(s["n_reduction"]), pct, ne)
     return table
+
+
+class _EndpointStep:
+    """The endpoint stage as the batch runner calls it (:class:`ctquant.run.batch.EndpointStep`)."""
+
+    def timepoints(self, endpoints_config: str | Path | None) -> list[str]:
+        config = load_endpoints(endpoints_config)
+        return list(dict.fromkeys(tp for ep in config.endpoints for tp in (ep.from_tp, ep.to_tp)))
+
+    def report(self, manifest: Path, records: Mapping[tuple[str, str], ScanRecord], out_dir: Path,
+               endpoints_config: str | Path | None, group_by: Optional[str]) -> dict[str, Any]:
+        return run_endpoints(manifest, out_dir / REPORT_FOLDER, config_path=endpoints_config, scan_results=records,
+                             group_by=group_by)
+
+
+#: Passed to :func:`ctquant.run.batch.run_batch` for the endpoint report at the end of a batch.
+ENDPOINT_STEP = _EndpointStep()
+
+
+def run_cohort(manifest: str | Path, out_dir: str | Path, **options: Any) -> BatchSummary:
+    """``ctquant batch``: every scan of ``manifest`` quantified into ``out_dir`` and, when a subject has a
+    follow-up (or ``endpoints=True``), the endpoint report in ``out_dir/endpoints``.
+
+    ``options`` are those of :func:`ctquant.run.batch.run_batch` (``method``, ``device``, ``workers``, …).
+    """
+    return run_batch(manifest, out_dir, endpoint_step=ENDPOINT_STEP, **options)

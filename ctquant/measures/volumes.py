@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from .lesions import CONSOLIDATION, GGO
-from .lungs import LEFT, RIGHT
+from ..segment.lesions import CONSOLIDATION, GGO
+from ..segment.lungs import LEFT, RIGHT
 
 MEASURES = ("lung_volume_ml", "ggo_volume_ml", "ggo_pct", "consolidation_volume_ml", "consolidation_pct",
             "opacity_volume_ml", "opacity_pct", "mean_lung_hu")

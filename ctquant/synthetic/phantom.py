@@ -12,7 +12,7 @@ Conventions of the labels: the lung label holds parenchyma, lesions, intrapulmon
 (radius < ``HILAR_RADIUS_MM``) and small airways; the trachea, main bronchi and hilar vessels are not
 lung. On thick slices a thin tube is drawn where it crosses the middle half of the slice.
 
-Arrays are (z, y, x) like :mod:`ctquant.io`; the direction is the identity, so z index 0 is the
+Arrays are (z, y, x) like :mod:`ctquant.io.scans`; the direction is the identity, so z index 0 is the
 most inferior slice and x index 0 is on the patient's right.
 
 Random streams (all from ``seed``): the anatomy (vessel and airway trees) and the lesion field are
@@ -121,8 +121,8 @@ class Phantom:
         return label_volumes(self.lung_labels, self.lesion_labels, self.spacing_mm)
 
     def to_scan(self):
-        """This phantom as a :class:`ctquant.io.Scan`."""
-        from .io import Scan
+        """This phantom as a :class:`ctquant.io.scans.Scan`."""
+        from ..io.scans import Scan
 
         return Scan(hu=self.hu, spacing_mm=self.spacing_mm, origin_mm=self.origin_mm,
                     direction=self.direction, meta={"source": "ctquant.phantom", **self.params})

@@ -1,11 +1,11 @@
 """Self-contained HTML reports: one per scan (``report.html`` beside ``measures.json``) and one per cohort.
 
-Both are rendered from the Jinja2 templates in ``ctquant/templates`` (autoescaped) with the CSS inline
+Both are rendered from the Jinja2 templates in ``ctquant/outputs/templates`` (autoescaped) with the CSS inline
 and every image embedded as a base64 ``data:`` URI, so the file opens offline, can be e-mailed or
 archived, and references nothing outside itself.
 
 - The per-scan report shows the quality flags, the measures per lung (right, left, both), the QC
-  montage (:mod:`ctquant.qc`) and the provenance (ctquant version, method, model and config hashes,
+  montage (:mod:`ctquant.outputs.qc`) and the provenance (ctquant version, method, model and config hashes,
   series/study UIDs, study date, software versions).
 - The cohort report (``ctquant report RESULTS_DIR``) gathers every ``measures.json`` under a folder
   (e.g. a batch's or ``ctquant endpoints``' ``scans/<subject>/<timepoint>/`` layout): a summary table,
@@ -32,8 +32,10 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from . import __version__
-from .errors import InputError, OutputError
+from ..version import __version__
+from ..errors import InputError
+from .atomic import atomic_write_text
+from .columns import SUBJECT_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -127,23 +129,6 @@ def _redacted_measures(measures: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-def _atomic_write_text(path: Path, text: str) -> Path:
-    """Write through a temporary file beside ``path`` (ordinary permissions), then rename."""
-    import uuid
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "x", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write the report: {exc.strerror or exc}", path) from None
-    return path
-
-
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
 
@@ -161,7 +146,7 @@ def lesion_accuracy_lines(method: str | None, model_sha256: str | None,
     Read from ``ctquant_accuracy`` in ``configs/metadata.json`` (written with the model card); the
     model's figures are shown only when ``model_sha256`` is the checkpoint they were measured on.
     """
-    from .config import CONFIG_DIR
+    from ..config import CONFIG_DIR
 
     try:
         card = json.loads(Path(metadata_path or CONFIG_DIR / "metadata.json").read_text()).get("ctquant_accuracy") or {}
@@ -271,11 +256,11 @@ def render_scan_report(measures: dict[str, Any], qc_png: bytes | str | Path | No
 
 def write_scan_report(measures: dict[str, Any], path: str | Path, qc_png: bytes | str | Path | None = None) -> Path:
     """Write the per-scan HTML report (atomically)."""
-    return _atomic_write_text(Path(path), render_scan_report(measures, qc_png))
+    return atomic_write_text(Path(path), render_scan_report(measures, qc_png), what="cannot write the report")
 
 
 def write_scan_outputs(seg, folder: str | Path) -> tuple[Path, Path]:
-    """Write ``qc.png`` and ``report.html`` of a :class:`ctquant.pipeline.Segmentation` into ``folder``."""
+    """Write ``qc.png`` and ``report.html`` of a :class:`ctquant.run.scan.Result` into ``folder``."""
     from .qc import qc_montage
 
     folder = Path(folder)
@@ -404,10 +389,6 @@ def cohort_context(results_dir: str | Path, *, embed_qc: bool = True,
 
     def shown_here(place: Path, name: str) -> bool:
         return (place / name).is_file() and not (place == root and name in newer)
-    try:
-        from .endpoints import SUBJECT_COLUMNS
-    except ImportError:  # pragma: no cover - the endpoints module ships with ctquant
-        SUBJECT_COLUMNS = SUBJECT_SHOWN
     tables = []
     for place in places:
         if shown_here(place, "endpoints.csv"):
@@ -456,4 +437,5 @@ def write_cohort_report(results_dir: str | Path, out: str | Path | None = None, 
     """Write the cohort report (default ``RESULTS_DIR/cohort_report.html``, which never overwrites a
     scan's own ``report.html``) atomically; returns its path."""
     out = Path(out) if out is not None else Path(results_dir) / "cohort_report.html"
-    return _atomic_write_text(out, render_cohort_report(results_dir, embed_qc=embed_qc, report_dir=out.parent))
+    return atomic_write_text(out, render_cohort_report(results_dir, embed_qc=embed_qc, report_dir=out.parent),
+                             what="cannot write the report")

@@ -4,7 +4,7 @@ Two methods share one output convention (uint8 labels on the CT grid, zero outsi
 
 - ``hu``: Hounsfield-unit bands (the Lung CT Analyzer idea), with vessels told from consolidation
   by density, thickness and surroundings (:func:`segment_lesions_hu`); the model-free reference;
-- ``model``: the shipped MONAI network (:mod:`ctquant.lesion_model`).
+- ``model``: the shipped MONAI network (:mod:`ctquant.segment.lesion_model`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from .lungs import block_majority, block_mean, upsample_blocks
+from .grid import block_majority, block_mean, upsample_blocks
 
 GGO, CONSOLIDATION = 1, 2
 #: Keywords of :func:`segment_lesions_hu` that ``configs/quantify.yaml`` sets under ``vessel_removal``.

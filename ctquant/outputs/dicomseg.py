@@ -60,7 +60,7 @@ Opening it
   DICOM module → *Import DICOM files* → select the CT series folder and ``segmentation.dcm`` → *Load*
   the SEG (the CT loads with it); the four segments show in the Segment Editor / Data module with
   their names and colours; *Segmentations* → *Show 3D* renders them. ``measurements.dcm`` (the SR
-  beside it, :mod:`ctquant.dicomsr`) loads with the same import as QuantitativeReporting's
+  beside it, :mod:`ctquant.outputs.dicomsr`) loads with the same import as QuantitativeReporting's
   measurements table (see the README for a caveat).
 - **OHIF viewer** (v3): upload the CT series and ``segmentation.dcm`` to the DICOMweb server (e.g.
   Orthanc: drag and drop into its web UI, or ``storescu``) and open the study, or use OHIF's local
@@ -86,10 +86,10 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-from . import __version__
-from .errors import InputError, OutputError
-from .lesions import CONSOLIDATION, GGO
-from .lungs import LEFT, RIGHT
+from ..version import __version__
+from ..errors import InputError, OutputError
+from ..segment.lesions import CONSOLIDATION, GGO
+from ..segment.lungs import LEFT, RIGHT
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +374,7 @@ def write_seg(scan, lung_labels: np.ndarray, lesion_labels: np.ndarray, path: st
     """Write one binary DICOM SEG (right lung, left lung, GGO, consolidation) referencing the scan's series.
 
     Args:
-        scan: a :class:`ctquant.io.Scan` loaded from a DICOM series.
+        scan: a :class:`ctquant.io.scans.Scan` loaded from a DICOM series.
         lung_labels: (z, y, x) on the scan grid, 1 right lung, 2 left lung.
         lesion_labels: (z, y, x) on the scan grid, 1 GGO, 2 consolidation.
         method: the lesion method (``model`` or ``hu``), recorded in the algorithm identification.
@@ -484,7 +484,7 @@ def _as_reference(reference: Any) -> sitk.Image | None:
         return reference
     if hasattr(reference, "to_sitk"):
         return reference.to_sitk()
-    from .io import load_scan
+    from ..io.scans import load_scan
 
     return load_scan(reference).to_sitk()
 
@@ -496,7 +496,7 @@ def read_seg(path: str | Path, which: str = "lesions", reference: Any = None) ->
         path: a DICOM SEG file (ctquant's, or a reader's from 3D Slicer, OHIF...).
         which: ``lesions`` (1 GGO, 2 consolidation; consolidation wins where both are marked) or
             ``lungs`` (1 right lung, 2 left lung).
-        reference: where to put the labels: a SimpleITK image, a :class:`ctquant.io.Scan`, or a path
+        reference: where to put the labels: a SimpleITK image, a :class:`ctquant.io.scans.Scan`, or a path
             to the source CT (DICOM folder or volume file). The labels are then on the reference grid
             (nearest neighbour; exact when the SEG was made on that grid). Without it, the image spans
             the SEG's own frames (the source's rows and columns, but only the slices from the first to
