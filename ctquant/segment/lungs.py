@@ -255,8 +255,7 @@ def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
     labels_c = np.zeros(hu_c.shape, dtype=np.uint8)
     labels_c[_fill_slices(right) & chest] = RIGHT
     labels_c[_fill_slices(left) & chest & (labels_c == 0)] = LEFT
-    bone_c = block_mean(np.pad(hu, [(0, (-n) % f) for n, f in zip(hu.shape, factors)], mode="edge"), factors)
-    bone_c = bone_c[: hu_c.shape[0], : hu_c.shape[1], : hu_c.shape[2]]  # the blocks that have a centre sample
+    bone_c = _block_mean_near(hu, labels_c > 0, factors, max_fill_mm / min(coarse_spacing[1:]) + 2)
     labels_c = fill_to_rib_cage(labels_c, hu_c, chest, coarse_spacing, bone_hu_volume=bone_c,
                                 max_fill_mm=max_fill_mm, dense_min_hu=air_threshold_hu, bone_hu=dense_max_hu)
     labels_c = drop_diaphragm_domes(labels_c, hu_c > -200, body)
@@ -264,6 +263,25 @@ def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
     labels = _refine(labels_c, dense_added, hu, factors, air_threshold_hu, dense_max_hu)
     return settle_pleural_edge(labels, hu, wall_hu=wall_hu, lead_hu=(air_threshold_hu, 20.0),
                                dense_max_hu=dense_max_hu)
+
+
+def _block_mean_near(hu: np.ndarray, near: np.ndarray, factors: tuple[int, int, int],
+                     margin_blocks: float) -> np.ndarray:
+    """Block means of ``hu`` on the coarse grid of ``near``, computed within ``margin_blocks`` of its
+    in-plane bounding box (elsewhere -1000 HU): the bone the rib-cage step looks for lies there."""
+    out = np.full(near.shape, -1000.0, dtype=np.float32)
+    ys = np.flatnonzero(near.any(axis=(0, 2)))
+    xs = np.flatnonzero(near.any(axis=(0, 1)))
+    if ys.size == 0:
+        return out
+    m = int(np.ceil(margin_blocks))
+    y0, y1 = max(0, ys[0] - m), min(near.shape[1], ys[-1] + m + 1)
+    x0, x1 = max(0, xs[0] - m), min(near.shape[2], xs[-1] + m + 1)
+    fz, fy, fx = factors
+    sub = hu[: near.shape[0] * fz, y0 * fy: y1 * fy, x0 * fx: x1 * fx]
+    pad = [(0, n * f - k) for n, f, k in zip((near.shape[0], y1 - y0, x1 - x0), factors, sub.shape)]
+    out[:, y0:y1, x0:x1] = block_mean(np.pad(sub, pad, mode="edge"), factors)
+    return out
 
 
 def settle_pleural_edge(labels: np.ndarray, hu: np.ndarray, *, wall_hu: float = 40.0,
