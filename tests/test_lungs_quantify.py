@@ -60,7 +60,7 @@ def test_lungs_keep_consolidated_lung(severity, min_dice):
     Measured (seed 3): 0.976 / 0.966 / 0.937 / 0.856 at severities 0-3. The density-driven growth that
     gave >= 0.97 here (the phantom's consolidation, -25 HU, is lighter than its muscle) leaked 15-67 %
     on real scans and was removed; the rib-cage step keeps the pleura-based part, not the whole airless
-    bases of severity 3 (README "Accuracy" and ctquant/lungs.py).
+    bases of severity 3 (README "Accuracy" and ctquant/segment/lungs.py).
     """
     phantom = make_phantom(severity=severity, seed=3)
     labels = segment_lungs(phantom.hu, phantom.spacing_mm)
