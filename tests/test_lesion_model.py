@@ -196,6 +196,15 @@ def test_bundle_config_builds_network_and_loads_shipped_weights(model):
 
 
 # ------------------------------------------------------------------------- evaluate script
+def _evaluate(images, labels, out):
+    """Run scripts/evaluate_lesion_model.py on a folder of images and labels: its JSON result and stdout."""
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "evaluate_lesion_model.py"),
+                           "--images", str(images), "--labels", str(labels), "--json", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(out.read_text()), proc.stdout
+
+
 def test_evaluate_script_on_real_slices(shared_data, tmp_path):
     images, labels = tmp_path / "images", tmp_path / "labels"
     images.mkdir()
@@ -203,12 +212,7 @@ def test_evaluate_script_on_real_slices(shared_data, tmp_path):
     for name in ("2", "12", "20"):  # held-out slices; 2 has no consolidation
         shutil.copy(shared_data / "medseg-2d" / "images" / f"{name}.jpg", images)
         shutil.copy(shared_data / "medseg-2d" / "labels" / f"{name}.png", labels)
-    out = tmp_path / "eval.json"
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "evaluate_lesion_model.py"),
-                           "--images", str(images), "--labels", str(labels), "--json", str(out)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(out.read_text())
+    result, stdout = _evaluate(images, labels, tmp_path / "eval.json")
     assert result["n_images"] == 3 and len(result["per_image"]) == 3
     for key in ("dice_ggo", "dice_consolidation", "dice_lesion"):
         assert 0.0 <= result[key] <= 1.0
@@ -216,7 +220,7 @@ def test_evaluate_script_on_real_slices(shared_data, tmp_path):
         assert result[key] == pytest.approx(np.mean([row[key] for row in result["per_image"]]), abs=1e-3)
     assert result["model"]["sha256"] == file_sha256(SHIPPED)
     assert "lesion_area_error_pct" in result["per_image"][0]
-    assert "mean" in proc.stdout
+    assert "mean" in stdout
 
 
 # ------------------------------------------------------------- product crops and real HU inputs
@@ -284,12 +288,7 @@ def test_evaluate_script_reads_dicom_slices_and_volumes(tmp_path, model):
     expected[y_box, x_box] = lm.predict_slices(model, lm.hu_to_unit(hu[2][y_box, x_box])[None])[0]
     assert np.array_equal(ev.predict_hu_slice(model, hu[2]), expected)
 
-    out = tmp_path / "eval.json"
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "evaluate_lesion_model.py"),
-                           "--images", str(images), "--labels", str(labels), "--json", str(out)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(out.read_text())
+    result, stdout = _evaluate(images, labels, tmp_path / "eval.json")
     assert result["n_images"] == 1
     row = result["per_image"][0]
     assert row["name"] == "s1.dcm" and (row["height"], row["width"]) == hu.shape[1:]
