@@ -285,12 +285,9 @@ def evaluate(model: lm.LesionModel, pairs: list[tuple[str, Path, Path | None]]) 
 def lesions_hu_method(hu: np.ndarray, lungs: np.ndarray, spacing_mm: tuple[float, float, float],
                       config: dict) -> np.ndarray:
     """``--method hu`` lesions exactly as ``ctquant.run.scan.analyse_scan`` calls them."""
-    from ctquant.segment.lesions import VESSEL_SETTINGS, segment_lesions_hu
+    from ctquant.segment.lesions import segment_lesions_hu_config
 
-    bands, vessels = config["hu_bands"], config.get("vessel_removal", {})
-    return segment_lesions_hu(hu, lungs, spacing_mm, ggo_band_hu=tuple(bands["ggo"]),
-                              consolidation_band_hu=tuple(bands["consolidation"]),
-                              **{key: float(vessels[key]) for key in VESSEL_SETTINGS if key in vessels})
+    return segment_lesions_hu_config(hu, lungs, spacing_mm, config)
 
 
 def specificity(model: lm.LesionModel, real_ct: Path, entries: list[dict], with_hu: bool = True) -> list[dict]:

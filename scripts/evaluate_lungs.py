@@ -92,7 +92,7 @@ def real_case_rows(name: str, root: Path, hybrid_seed: int) -> list[dict]:
     from ctquant.config import load_quantify_config
     from ctquant.synthetic.hybrid import CONSOLIDATION, GGO, paint_pneumonia
     from ctquant.io.scans import load_scan
-    from ctquant.segment.lesions import VESSEL_SETTINGS, segment_lesions_hu
+    from ctquant.segment.lesions import segment_lesions_hu_config
 
     scan_rel, ref_rel, mapping = REAL_CASES[name]
     scan = load_scan(root / scan_rel)
@@ -101,7 +101,6 @@ def real_case_rows(name: str, root: Path, hybrid_seed: int) -> list[dict]:
         ref = np.select([ref == k for k in mapping], list(mapping.values()), 0)
     ref = ref.astype(np.uint8)
     config = load_quantify_config()
-    bands, vessels = config["hu_bands"], config["vessel_removal"]
     rows = []
     for severity in (None, "moderate", "severe"):
         case = paint_pneumonia(scan.hu, ref, scan.spacing_mm, severity=severity, seed=hybrid_seed) if severity else None
@@ -115,9 +114,7 @@ def real_case_rows(name: str, root: Path, hybrid_seed: int) -> list[dict]:
         if case:
             cons = case.lesion_labels == CONSOLIDATION
             row["consolidation_kept_pct"] = round(100.0 * np.count_nonzero(cons & (pred > 0)) / np.count_nonzero(cons), 1)
-            lesions = segment_lesions_hu(hu, pred, scan.spacing_mm, ggo_band_hu=tuple(bands["ggo"]),
-                                         consolidation_band_hu=tuple(bands["consolidation"]),
-                                         **{k: float(vessels[k]) for k in VESSEL_SETTINGS if k in vessels})
+            lesions = segment_lesions_hu_config(hu, pred, scan.spacing_mm, config)
             for label, key in ((GGO, "ggo"), (CONSOLIDATION, "consolidation")):
                 truth = np.count_nonzero(case.lesion_labels == label)
                 row[f"hu_{key}_error_pct"] = round(100.0 * (np.count_nonzero(lesions == label) / truth - 1.0), 1)

@@ -116,15 +116,9 @@ def segment_lesions(scan: Scan, lung_labels: np.ndarray, *, method: str = "model
     if method not in METHODS:
         raise InputError(f"unknown method {method!r} (model or hu)")
     if method == "hu":
-        from ..segment.lesions import VESSEL_SETTINGS, segment_lesions_hu
+        from ..segment.lesions import segment_lesions_hu_config
 
-        config = config or load_quantify_config()
-        bands = config["hu_bands"]
-        vessels = config.get("vessel_removal", {})
-        return segment_lesions_hu(
-            scan.hu, lung_labels, scan.spacing_mm, ggo_band_hu=tuple(bands["ggo"]),
-            consolidation_band_hu=tuple(bands["consolidation"]),
-            **{key: float(vessels[key]) for key in VESSEL_SETTINGS if key in vessels})
+        return segment_lesions_hu_config(scan.hu, lung_labels, scan.spacing_mm, config or load_quantify_config())
     from ..segment.lesion_model import load_lesion_model, segment_lesions as lesions_of
 
     return lesions_of(scan.hu, lung_labels, model or load_lesion_model(device=device))

@@ -133,6 +133,16 @@ def segment_lesions_hu(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tupl
     return labels
 
 
+def segment_lesions_hu_config(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tuple[float, float, float],
+                              config: dict) -> np.ndarray:
+    """:func:`segment_lesions_hu` with the ``hu_bands`` and ``vessel_removal`` of a quantify config
+    (``configs/quantify.yaml``): the one place that maps those settings onto the function."""
+    bands, vessels = config["hu_bands"], config.get("vessel_removal", {})
+    return segment_lesions_hu(hu, lung_labels, spacing_mm, ggo_band_hu=tuple(bands["ggo"]),
+                              consolidation_band_hu=tuple(bands["consolidation"]),
+                              **{key: float(vessels[key]) for key in VESSEL_SETTINGS if key in vessels})
+
+
 def normal_lung_hu(lung_hu: np.ndarray, aerated_max_hu: float = -600.0) -> tuple[float, float]:
     """Typical density and spread (HU) of this scan's normal lung: the median of the lung voxels below
     ``aerated_max_hu`` and a robust SD from their lower quartile (the side that ground glass and
