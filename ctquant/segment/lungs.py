@@ -152,7 +152,8 @@ def find_airways(air: np.ndarray, body: np.ndarray, spacing_mm: tuple[float, flo
     z0, region = seed
     airways[z0] = region
     pixel_cm2 = spacing_mm[1] * spacing_mm[2] / 100.0
-    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+    max_voxels = max_volume_ml / (float(np.prod(spacing_mm)) / 1000.0)
+    n_voxels = int(region.sum())
     for direction in (1, -1):
         previous = region if direction == 1 else ndi.binary_dilation(region)
         z = z0 + direction
@@ -163,8 +164,9 @@ def find_airways(air: np.ndarray, body: np.ndarray, spacing_mm: tuple[float, flo
             if not hit:
                 break
             airways[z] = np.isin(labels, hit)
+            n_voxels += int(airways[z].sum())
             previous = airways[z] if direction == 1 else ndi.binary_dilation(airways[z])
-            if airways.sum() * voxel_ml > max_volume_ml:
+            if n_voxels > max_voxels:
                 break
             z += direction
     return airways
