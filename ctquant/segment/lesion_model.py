@@ -279,10 +279,16 @@ def remove_small_lesions(labels: np.ndarray, spacing_mm: tuple[float, float, flo
 
     if min_component_mm3 <= 0 or not labels.any():
         return labels
-    components, _ = ndi.label(labels > 0, structure=np.ones((3, 3, 3), bool))
-    keep = np.bincount(components.ravel()) * float(np.prod(spacing_mm)) >= min_component_mm3
-    keep[0] = False
-    return np.where(keep[components], labels, 0).astype(np.uint8)
+    box = tuple(slice(int(i[0]), int(i[-1]) + 1) for i in (np.flatnonzero(labels.any(axis=axes)) for axes in
+                                                            ((1, 2), (0, 2), (0, 1))))
+    sub = labels[box]
+    lesion = sub > 0
+    components, n = ndi.label(lesion, structure=np.ones((3, 3, 3), bool))
+    of_lesion = components[lesion]  # sizes counted over the lesion voxels only: far fewer than the volume
+    keep = np.bincount(of_lesion, minlength=n + 1) * float(np.prod(spacing_mm)) >= min_component_mm3
+    out = labels.copy()
+    out[box][lesion] = np.where(keep[of_lesion], sub[lesion], 0)
+    return out
 
 
 def segment_lesions(hu: np.ndarray, lung_mask: np.ndarray, model: LesionModel, batch_size: int = 16,
