@@ -228,7 +228,8 @@ def predictions(model: lm.LesionModel, pairs: list[tuple[str, Path, Path | None]
             labels = None if label_path is None else _check_label(read_label_image(label_path), scan.hu.shape, label_path)
             t0 = time.perf_counter()
             lungs = segment_lungs(scan.hu, scan.spacing_mm)
-            pred = lm.segment_lesions(scan.hu, lungs, model)
+            pred = lm.segment_lesions(scan.hu, lungs, model, spacing_mm=scan.spacing_mm,
+                                      min_component_mm3=model_min_component_mm3())
             ms = (time.perf_counter() - t0) * 1000.0
             zs = np.flatnonzero((labels if labels is not None else pred).any(axis=(1, 2)))
             for z in zs:
@@ -282,6 +283,13 @@ def evaluate(model: lm.LesionModel, pairs: list[tuple[str, Path, Path | None]]) 
     return rows
 
 
+def model_min_component_mm3() -> float:
+    """``model_min_component_mm3`` of ``configs/quantify.yaml``, as the product applies it to volumes."""
+    from ctquant.config import load_quantify_config
+
+    return float(load_quantify_config().get("model_min_component_mm3", 0.0))
+
+
 def lesions_hu_method(hu: np.ndarray, lungs: np.ndarray, spacing_mm: tuple[float, float, float],
                       config: dict) -> np.ndarray:
     """``--method hu`` lesions exactly as ``ctquant.run.scan.analyse_scan`` calls them."""
@@ -315,7 +323,8 @@ def specificity(model: lm.LesionModel, real_ct: Path, entries: list[dict], with_
         row: dict = {"scan": entry["scan"], "shape": list(hu.shape), "spacing_mm": [round(v, 3) for v in spacing],
                      "lung_step_seconds": round(lung_s, 1), "excluded_z": entry.get("exclude_z", [])}
         for mask_name, lungs in masks.items():
-            methods = {"model": lambda: lm.segment_lesions(hu, lungs, model)}
+            methods = {"model": lambda: lm.segment_lesions(hu, lungs, model, spacing_mm=spacing,
+                                                           min_component_mm3=model_min_component_mm3())}
             if with_hu:
                 methods["hu"] = lambda: lesions_hu_method(hu, lungs, spacing, config)
             for method, run in methods.items():

@@ -371,3 +371,45 @@ def test_reports_carry_the_measured_accuracy(tmp_path):
                 "provenance": {"method": "model", "model_sha256": sha}}
     html = reports.render_scan_report(measures)
     assert "How far to trust these numbers" in html and card["model"]["specificity"] in html
+
+
+def test_remove_small_lesions_drops_a_speck_keeps_a_lesion():
+    """At 1 x 0.8 x 0.8 mm, a 4 x 5 x 5 voxel speck (12.8 mm3) goes with a 300 mm3 minimum and a
+    10 x 20 x 20 blob (GGO around consolidation, 3200 mm3, one component) stays whole."""
+    from ctquant.segment.lesion_model import CONSOLIDATION, GGO, remove_small_lesions
+
+    labels = np.zeros((30, 60, 60), np.uint8)
+    labels[2:6, 2:7, 2:7] = GGO
+    labels[10:20, 20:40, 20:40] = GGO
+    labels[13:17, 27:33, 27:33] = CONSOLIDATION
+    spacing = (1.0, 0.8, 0.8)
+    kept = remove_small_lesions(labels, spacing, 300.0)
+    assert not kept[2:6, 2:7, 2:7].any()
+    np.testing.assert_array_equal(kept[8:, 15:45, 15:45], labels[8:, 15:45, 15:45])
+    assert np.array_equal(remove_small_lesions(labels, spacing, 0.0), labels)
+    assert np.array_equal(remove_small_lesions(labels, spacing, 10.0), labels)      # the speck is 12.8 mm3
+    assert not remove_small_lesions(labels, spacing, 4000.0).any()
+
+
+def test_model_min_component_is_a_config_key_the_product_applies(monkeypatch):
+    """configs/quantify.yaml's model_min_component_mm3 reaches the model path of the runner in mm3."""
+    from ctquant.config import load_quantify_config
+    from ctquant.run import scan as run_scan
+    from ctquant.segment import lesion_model as lm
+
+    assert load_quantify_config()["model_min_component_mm3"] > 0
+    seen = {}
+
+    def fake(hu, lungs, model, **kwargs):
+        seen.update(kwargs)
+        return np.zeros(hu.shape, np.uint8)
+
+    monkeypatch.setattr(lm, "segment_lesions", fake)
+
+    class FakeScan:
+        hu = np.zeros((4, 8, 8), np.int16)
+        spacing_mm = (2.0, 0.5, 0.5)
+
+    run_scan.segment_lesions(FakeScan(), np.ones((4, 8, 8), np.uint8), method="model", model=object(),
+                             config={"model_min_component_mm3": 123.0})
+    assert seen == {"spacing_mm": (2.0, 0.5, 0.5), "min_component_mm3": 123.0}

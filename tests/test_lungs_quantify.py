@@ -181,3 +181,60 @@ def test_pleural_edge_keeps_dense_lung_against_the_wall():
     assert not (out[:, :, 55:] > 0).any() and not (out[:, 35:] > 0).any()  # the wall is not lung
     assert (out[:, 5:35, 32:34] == LEFT).all()                       # consolidation on the medial side too
     assert not (out[:, :, 30:32] > 0).any()                          # fat never joins
+
+
+def _gradient_lungs(seed: int = 0) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """Two box lungs at 2 mm whose normal density rises front to back as on a real supine scan
+    (pancreas-ct-cbct-001's band medians: -820 HU anterior to -700 HU in the most dependent 20 mm),
+    with 30 HU noise correlated over about one voxel as CT noise is; no lesion."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    shape, spacing = (40, 100, 120), (2.0, 2.0, 2.0)
+    y_mm = np.arange(shape[1]) * spacing[1]
+    level = np.interp(y_mm, [0.0, 120.0, 170.0, 200.0], [-830.0, -790.0, -740.0, -690.0])
+    noise = ndi.gaussian_filter(rng.normal(0.0, 1.0, shape), 1.0)
+    hu = (level[None, :, None] + 30.0 * noise / noise.std()).astype(np.int16)
+    lungs = np.zeros(shape, np.uint8)
+    lungs[:, :, 5:58], lungs[:, :, 62:115] = RIGHT, LEFT
+    return hu, lungs, spacing
+
+
+def _ggo_pct(labels: np.ndarray, lungs: np.ndarray, side: int) -> float:
+    from ctquant.segment.lesions import GGO
+
+    return 100.0 * np.count_nonzero((labels == GGO) & (lungs == side)) / np.count_nonzero(lungs == side)
+
+
+def test_hu_ggo_follows_the_dependent_gradient():
+    """A normal lung with a front-to-back gradient reads < 0.5 % GGO with the band-wise normal level;
+    one scan-wide level calls the dependent lung ground glass."""
+    from ctquant.config import load_quantify_config
+    from ctquant.segment.lesions import segment_lesions_hu, VESSEL_SETTINGS
+
+    hu, lungs, spacing = _gradient_lungs()
+    settings = {k: float(v) for k, v in load_quantify_config()["vessel_removal"].items() if k in VESSEL_SETTINGS}
+    assert settings["normal_band_mm"] > 0
+    banded = segment_lesions_hu(hu, lungs, spacing, **settings)
+    scan_wide = segment_lesions_hu(hu, lungs, spacing, **{**settings, "normal_band_mm": 0.0})
+    for side in (RIGHT, LEFT):
+        assert _ggo_pct(banded, lungs, side) < 0.5
+        assert _ggo_pct(scan_wide, lungs, side) > 1.5
+
+
+def test_hu_ggo_patch_in_a_gradient_lung_is_found():
+    """Faint ground glass (-600 HU) filling the dependent 80 mm of the right lung over 48 mm of z is found
+    within 10 % of its volume: the band levels come from what the scan-wide rule calls normal, so the
+    patch does not raise its own floor (a plain band median of the lung below -600 HU finds ~75 %)."""
+    from ctquant.config import load_quantify_config
+    from ctquant.segment.lesions import GGO, VESSEL_SETTINGS, segment_lesions_hu
+
+    hu, lungs, spacing = _gradient_lungs(seed=1)
+    patch = np.zeros(hu.shape, bool)
+    patch[8:32, 60:100, 5:58] = True
+    hu[patch] = (-600.0 + 15.0 * np.random.default_rng(2).normal(0.0, 1.0, int(patch.sum()))).astype(np.int16)
+    settings = {k: float(v) for k, v in load_quantify_config()["vessel_removal"].items() if k in VESSEL_SETTINGS}
+    found = segment_lesions_hu(hu, lungs, spacing, **settings) == GGO
+    assert np.count_nonzero(found & patch) >= 0.9 * np.count_nonzero(patch)
+    assert np.count_nonzero(found) == pytest.approx(np.count_nonzero(patch), rel=0.10)
+    assert _ggo_pct(found.astype(np.uint8), lungs, LEFT) < 0.5

@@ -121,7 +121,9 @@ def segment_lesions(scan: Scan, lung_labels: np.ndarray, *, method: str = "model
         return segment_lesions_hu_config(scan.hu, lung_labels, scan.spacing_mm, config or load_quantify_config())
     from ..segment.lesion_model import load_lesion_model, segment_lesions as lesions_of
 
-    return lesions_of(scan.hu, lung_labels, model or load_lesion_model(device=device))
+    min_mm3 = float((config or load_quantify_config()).get("model_min_component_mm3", 0.0))
+    return lesions_of(scan.hu, lung_labels, model or load_lesion_model(device=device), spacing_mm=scan.spacing_mm,
+                      min_component_mm3=min_mm3)
 
 
 def measure(scan: Scan, lung_labels: np.ndarray, lesion_labels: np.ndarray,

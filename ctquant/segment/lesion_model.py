@@ -271,13 +271,37 @@ def lung_slice_crops(hu: np.ndarray, lung_mask: np.ndarray, window_hu: tuple[flo
     return zs, box, hu_to_unit(np.asarray(hu)[zs, y_box, x_box], window_hu)
 
 
+def remove_small_lesions(labels: np.ndarray, spacing_mm: tuple[float, float, float], min_component_mm3: float
+                         ) -> np.ndarray:
+    """``labels`` without the 3D connected lesion components (GGO and consolidation together, 26-connected)
+    smaller than ``min_component_mm3``."""
+    from scipy import ndimage as ndi
+
+    if min_component_mm3 <= 0 or not labels.any():
+        return labels
+    box = tuple(slice(int(i[0]), int(i[-1]) + 1) for i in (np.flatnonzero(labels.any(axis=axes)) for axes in
+                                                            ((1, 2), (0, 2), (0, 1))))
+    sub = labels[box]
+    lesion = sub > 0
+    components, n = ndi.label(lesion, structure=np.ones((3, 3, 3), bool))
+    of_lesion = components[lesion]  # sizes counted over the lesion voxels only: far fewer than the volume
+    keep = np.bincount(of_lesion, minlength=n + 1) * float(np.prod(spacing_mm)) >= min_component_mm3
+    out = labels.copy()
+    out[box][lesion] = np.where(keep[of_lesion], sub[lesion], 0)
+    return out
+
+
 def segment_lesions(hu: np.ndarray, lung_mask: np.ndarray, model: LesionModel, batch_size: int = 16,
-                    margin_fraction: float = DEFAULT_CROP_MARGIN_FRACTION) -> np.ndarray:
+                    margin_fraction: float = DEFAULT_CROP_MARGIN_FRACTION,
+                    spacing_mm: tuple[float, float, float] | None = None,
+                    min_component_mm3: float = 0.0) -> np.ndarray:
     """GGO (1) and consolidation (2) labels (z, y, x) uint8 of an HU volume, zero outside ``lung_mask``.
 
     Only slices containing lung are run; each is cropped to the lung bounding box (see
     :func:`lung_crop_box`), normalised with :func:`hu_to_unit` at the model's HU window and passed
-    through :func:`predict_slices`.
+    through :func:`predict_slices`. With ``spacing_mm`` and ``min_component_mm3`` > 0, lesion components
+    smaller than that are dropped (:func:`remove_small_lesions`; ``configs/quantify.yaml``
+    ``model_min_component_mm3``).
     """
     hu = np.asarray(hu)
     lung = np.asarray(lung_mask) > 0
@@ -295,4 +319,6 @@ def segment_lesions(hu: np.ndarray, lung_mask: np.ndarray, model: LesionModel, b
         pred = predict_slices(model, crop_unit, batch_size=len(zs))
         pred[~lung[zs, y_box, x_box]] = 0
         labels[zs, y_box, x_box] = pred
+    if spacing_mm is not None and min_component_mm3 > 0:
+        labels[z_box, y_box, x_box] = remove_small_lesions(labels[z_box, y_box, x_box], spacing_mm, min_component_mm3)
     return labels

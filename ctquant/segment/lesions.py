@@ -17,7 +17,8 @@ from .grid import block_majority, block_mean, upsample_blocks
 GGO, CONSOLIDATION = 1, 2
 #: Keywords of :func:`segment_lesions_hu` that ``configs/quantify.yaml`` sets under ``vessel_removal``.
 VESSEL_SETTINGS = ("min_consolidation_thickness_mm", "vessel_min_hu", "vessel_sigma_mm", "context_sigma_mm",
-                   "min_ggo_share", "min_component_ml", "smooth_sigma_mm", "min_ggo_thickness_mm", "ggo_above_normal_sd")
+                   "min_ggo_share", "min_component_ml", "smooth_sigma_mm", "min_ggo_thickness_mm", "ggo_above_normal_sd",
+                   "normal_band_mm")
 
 
 def opening_mm(mask: np.ndarray, spacing_mm: tuple[float, float, float], diameter_mm: float,
@@ -75,7 +76,8 @@ def segment_lesions_hu(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tupl
                        vessel_min_hu: float = 20.0, vessel_sigma_mm: float = 2.0,
                        context_sigma_mm: float = 3.0, min_ggo_share: float = 0.5,
                        min_component_ml: float = 0.05, smooth_sigma_mm: float = 0.0,
-                       min_ggo_thickness_mm: float = 0.0, ggo_above_normal_sd: float = 0.0) -> np.ndarray:
+                       min_ggo_thickness_mm: float = 0.0, ggo_above_normal_sd: float = 0.0,
+                       normal_band_mm: float = 0.0) -> np.ndarray:
     """GGO and consolidation from HU bands inside the lungs, vessels told apart from consolidation.
 
     Voxels in the consolidation band are dense: consolidation, but also vessels, bronchial walls and
@@ -96,8 +98,10 @@ def segment_lesions_hu(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tupl
     the pleura are one or two voxels thick), and denser than this scan's normal lung by
     ``ggo_above_normal_sd`` of its spread (:func:`normal_lung_hu`; ground glass is increased density
     relative to normal lung, and a shallow breath or a basal scan puts normal lung near -750 HU, where
-    the fixed band would call a quarter of it ground glass). Components smaller than ``min_component_ml`` are
-    dropped. Known limits: vessels crossing ground
+    the fixed band would call a quarter of it ground glass). With ``normal_band_mm`` > 0 that normal
+    level is local (:func:`normal_lung_level_hu`: per lung, in coronal bands ``normal_band_mm`` thick
+    along y), because normal lung is denser towards the back of a supine patient (gravity).
+    Components smaller than ``min_component_ml`` are dropped. Known limits: vessels crossing ground
     glass count as consolidation where they are lighter than ``vessel_min_hu``; consolidation denser
     than ``vessel_min_hu`` (unenhanced, fluid-filled) is missed.
     """
@@ -109,10 +113,14 @@ def segment_lesions_hu(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tupl
     hu_dense = hu
     if smooth_sigma_mm > 0:
         hu_dense = ndi.gaussian_filter(hu.astype(np.float32), [0.0] + [smooth_sigma_mm / s for s in spacing_mm[1:]])
-    ggo_min_hu = ggo_band_hu[0]
+    ggo_min_hu: float | np.ndarray = ggo_band_hu[0]
     if ggo_above_normal_sd > 0:
         mode_hu, sd_hu = normal_lung_hu(hu[lung])
         ggo_min_hu = max(ggo_min_hu, mode_hu + ggo_above_normal_sd * sd_hu)
+        if normal_band_mm > 0:
+            level_hu = normal_lung_level_hu(hu, lung_labels[box], spacing_mm, normal_band_mm,
+                                            normal_max_hu=min(ggo_min_hu, -600.0), scan_level_hu=mode_hu)
+            ggo_min_hu = np.maximum(ggo_band_hu[0], level_hu + ggo_above_normal_sd * sd_hu)
     ggo = lung & (hu >= ggo_min_hu) & (hu < ggo_band_hu[1])
     if min_ggo_thickness_mm > 0:
         ggo = opening_mm(ggo, spacing_mm, min_ggo_thickness_mm)
@@ -152,6 +160,64 @@ def normal_lung_hu(lung_hu: np.ndarray, aerated_max_hu: float = -600.0) -> tuple
         return -850.0, 0.0
     median, lower_quartile = np.percentile(aerated, [50, 25])
     return float(median), float((median - lower_quartile) / 0.6745)
+
+
+def normal_lung_level_hu(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tuple[float, float, float],
+                         band_mm: float, normal_max_hu: float, scan_level_hu: float, hist_step_hu: float = 4.0,
+                         min_voxels: int = 50) -> np.ndarray:
+    """Normal-lung density (HU) that follows the front-to-back (gravity-dependent) gradient.
+
+    Each lung (label value) is cut into coronal bands ``band_mm`` thick along y (anterior → posterior
+    of a supine patient). A band's level is estimated only from its voxels below ``normal_max_hu``
+    (those the scan-wide rule already calls normal: what it calls ground glass cannot raise its own
+    floor), as their lower quartile plus the median quartile-to-median gap of all bands: ground glass
+    adds density from above, so the estimate holds while it makes up under three quarters of a band's
+    normal-looking voxels. Bands are pooled over the whole z-range (a lesion fills part of a band's
+    slices; a z-dependent level lost painted basal ground glass on the hybrids), smoothed over
+    neighbours (Gaussian of one band, weighted by voxel count; bands under ``min_voxels`` borrow from
+    their neighbours) and interpolated linearly to every y.
+
+    Returns a (z, y, x) float32 array, ``scan_level_hu`` outside the lungs.
+    """
+    lung = lung_labels > 0
+    level = np.full(hu.shape, scan_level_hu, dtype=np.float32)
+    edges = np.arange(-1024.0, normal_max_hu + hist_step_hu, hist_step_hu)
+    n_hist = len(edges) - 1
+    bands = []
+    for value in np.unique(lung_labels[lung]):
+        mine = lung_labels == value
+        rows = np.flatnonzero(mine.any(axis=(0, 2)))
+        y_lo, y_hi = int(rows[0]), int(rows[-1]) + 1
+        _, yy, _ = np.nonzero(mine[:, y_lo:y_hi])
+        values = hu[:, y_lo:y_hi][mine[:, y_lo:y_hi]]
+        band = (yy * spacing_mm[1] // band_mm).astype(np.int64)
+        n_band = int(band.max()) + 1
+        normal = values < normal_max_hu
+        bins = np.clip(((values[normal] - edges[0]) // hist_step_hu).astype(np.int64), 0, n_hist - 1)
+        hist = np.bincount(band[normal] * n_hist + bins, minlength=n_band * n_hist).reshape(n_band, n_hist)
+        count = hist.sum(axis=1).astype(np.float64)
+        cum = np.cumsum(hist, axis=1)
+        median, quartile = (edges[np.argmax(cum >= np.maximum(q * count, 1)[:, None], axis=1)] + hist_step_hu / 2.0
+                            for q in (0.5, 0.25))  # per band, to the histogram step
+        bands.append((value, y_lo, y_hi, count, count >= min_voxels, median, quartile))
+    usable_gap = [(m - q)[u] for *_, c, u, m, q in bands]
+    if not any(g.size for g in usable_gap):
+        return level
+    gap = float(np.median(np.concatenate(usable_gap)))
+    for value, y_lo, y_hi, count, usable, median, quartile in bands:
+        if not usable.any():
+            continue
+        weight = np.where(usable, count, 0.0)
+        smoothed_w = ndi.gaussian_filter1d(weight, 1.0, mode="constant", truncate=6.0)
+        smoothed = ndi.gaussian_filter1d(weight * np.where(usable, quartile + gap, 0.0), 1.0, mode="constant",
+                                         truncate=6.0)
+        profile = np.where(smoothed_w > 1e-6, smoothed / np.maximum(smoothed_w, 1e-6), scan_level_hu)
+        centres_mm = (np.arange(len(profile)) + 0.5) * band_mm
+        rows_hu = np.interp(np.arange(y_hi - y_lo) * spacing_mm[1], centres_mm, profile).astype(np.float32)
+        sub = level[:, y_lo:y_hi]
+        mine = lung_labels[:, y_lo:y_hi] == value
+        sub[mine] = np.broadcast_to(rows_hu[None, :, None], sub.shape)[mine]
+    return level
 
 
 def remove_small(mask: np.ndarray, min_voxels: float) -> np.ndarray:
