@@ -32,12 +32,16 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ctquant.trial.agreement import mask_metrics
 from ctquant.io.scans import read_label_image
 from ctquant.segment.lungs import LEFT, RIGHT, segment_lungs
+
+if TYPE_CHECKING:
+    from ctquant.segment.lesion_model import LesionModel
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -122,7 +126,7 @@ REAL_CASES = {
 }
 
 
-def real_case_rows(name: str, root: Path, hybrid_seed: int, model=None) -> list[dict]:
+def real_case_rows(name: str, root: Path, hybrid_seed: int, model: LesionModel | None = None) -> list[dict]:
     """Rows for one real scan and its moderate and severe hybrids (``model``: a loaded lesion model,
     whose GGO and consolidation on the hybrids are scored too)."""
     from ctquant.config import load_quantify_config
