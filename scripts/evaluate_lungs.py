@@ -6,8 +6,12 @@ Three modes:
 - ``--real`` runs every scan of ``../shared/data/real-ct`` that has a reference lung mask, and the
   hybrids made from each (pneumonia painted in, :mod:`ctquant.synthetic.hybrid`, moderate and severe, seed
   ``--hybrid-seed``): Dice (both, right, left), volume error, leak (lung volume outside the reference,
-  % of it), and for hybrids the share of painted consolidation inside the lung mask and the
-  ``--method hu`` GGO and consolidation volume errors (shipped ``configs/quantify.yaml``);
+  % of it; also counted on the reference's own slices only, since a reference may leave out an end
+  slice that holds lung), and for hybrids the share of painted consolidation inside the lung mask (all
+  of it, on the lateral half of each lung slice, against the rib cage, and on the medial half, against
+  the mediastinum), the ``--method hu`` GGO and consolidation volume errors (shipped
+  ``configs/quantify.yaml``) and the shipped model's, and the share of the painted consolidation that
+  the model calls consolidation inside the reference lungs (the lung step out of the picture);
 - ``--pred P.nii.gz --ref R.nii.gz`` compares two label files (1 right, 2 left; any format SimpleITK
   reads), e.g. ``ctquant quantify`` output against a reference mask;
 - ``--phantoms`` generates synthetic chest CTs at several lesion severities (up to heavy,
@@ -28,12 +32,16 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ctquant.trial.agreement import mask_metrics
 from ctquant.io.scans import read_label_image
 from ctquant.segment.lungs import LEFT, RIGHT, segment_lungs
+
+if TYPE_CHECKING:
+    from ctquant.segment.lesion_model import LesionModel
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -78,6 +86,37 @@ def evaluate_phantoms(severities: list[float], seeds: list[int], shape: tuple[in
     return rows
 
 
+def leak_pct(pred: np.ndarray, ref: np.ndarray, reference_slices_only: bool = False) -> float:
+    """Lung volume outside the reference, % of the reference volume; optionally counted only on the
+    axial slices where the reference holds lung."""
+    outside = (pred > 0) & (ref == 0)
+    if reference_slices_only:
+        outside &= (ref > 0).any(axis=(1, 2))[:, None, None]
+    return round(100.0 * np.count_nonzero(outside) / max(1, np.count_nonzero(ref)), 2)
+
+
+def kept_pct_by_half(pred: np.ndarray, truth: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """Share (%) of the ``truth`` voxels inside the lung mask ``pred``: all, on the lateral half of each
+    reference lung's axial slice (towards the rib cage) and on its medial half (towards the mediastinum).
+
+    The halves are cut at the slice's lung centroid in x; the right lung (lower LPS x) has its medial
+    side towards higher x.
+    """
+    medial = np.zeros(truth.shape, dtype=bool)
+    xs = np.arange(truth.shape[2])
+    for side, towards_high_x in ((RIGHT, True), (LEFT, False)):
+        lung = ref == side
+        for z in np.flatnonzero(lung.any(axis=(1, 2))):
+            centre_x = float(np.nonzero(lung[z])[1].mean())
+            half = xs > centre_x if towards_high_x else xs < centre_x
+            medial[z] |= lung[z] & half[None, :]
+    inside = pred > 0
+    out = {}
+    for name, where in (("all", truth), ("lateral", truth & ~medial), ("medial", truth & medial)):
+        out[name] = round(100.0 * np.count_nonzero(where & inside) / max(1, np.count_nonzero(where)), 1)
+    return out
+
+
 #: Real scans with a reference lung mask: name → (scan, reference, reference label → 1 right / 2 left).
 REAL_CASES = {
     "lung-pet-ct-dx-A0001": ("lung-pet-ct-dx-A0001", "references/lung-pet-ct-dx-A0001_40805_lungs.nii.gz", None),
@@ -87,11 +126,13 @@ REAL_CASES = {
 }
 
 
-def real_case_rows(name: str, root: Path, hybrid_seed: int) -> list[dict]:
-    """Rows for one real scan and its moderate and severe hybrids."""
+def real_case_rows(name: str, root: Path, hybrid_seed: int, model: LesionModel | None = None) -> list[dict]:
+    """Rows for one real scan and its moderate and severe hybrids (``model``: a loaded lesion model,
+    whose GGO and consolidation on the hybrids are scored too)."""
     from ctquant.config import load_quantify_config
     from ctquant.synthetic.hybrid import CONSOLIDATION, GGO, paint_pneumonia
     from ctquant.io.scans import load_scan
+    from ctquant.segment.lesion_model import segment_lesions
     from ctquant.segment.lesions import segment_lesions_hu_config
 
     scan_rel, ref_rel, mapping = REAL_CASES[name]
@@ -109,15 +150,24 @@ def real_case_rows(name: str, root: Path, hybrid_seed: int) -> list[dict]:
         pred = segment_lungs(hu, scan.spacing_mm)
         seconds = time.perf_counter() - t0
         row = {"case": name + (f" + {severity} pneumonia" if severity else ""), "seconds": round(seconds, 2),
-               **lung_scores(pred, ref, scan.spacing_mm),
-               "leak_pct": round(100.0 * np.count_nonzero((pred > 0) & (ref == 0)) / np.count_nonzero(ref), 2)}
+               **lung_scores(pred, ref, scan.spacing_mm), "leak_pct": leak_pct(pred, ref),
+               "leak_on_reference_slices_pct": leak_pct(pred, ref, reference_slices_only=True)}
         if case:
             cons = case.lesion_labels == CONSOLIDATION
-            row["consolidation_kept_pct"] = round(100.0 * np.count_nonzero(cons & (pred > 0)) / np.count_nonzero(cons), 1)
-            lesions = segment_lesions_hu_config(hu, pred, scan.spacing_mm, config)
-            for label, key in ((GGO, "ggo"), (CONSOLIDATION, "consolidation")):
-                truth = np.count_nonzero(case.lesion_labels == label)
-                row[f"hu_{key}_error_pct"] = round(100.0 * (np.count_nonzero(lesions == label) / truth - 1.0), 1)
+            kept = kept_pct_by_half(pred, cons, ref)
+            row.update({"consolidation_kept_pct": kept["all"], "kept_lateral_pct": kept["lateral"],
+                        "kept_medial_pct": kept["medial"]})
+            methods = {"hu": segment_lesions_hu_config(hu, pred, scan.spacing_mm, config)}
+            if model is not None:
+                methods["model"] = segment_lesions(hu, pred, model)
+            for method, lesions in methods.items():
+                for label, key in ((GGO, "ggo"), (CONSOLIDATION, "consolidation")):
+                    truth = np.count_nonzero(case.lesion_labels == label)
+                    row[f"{method}_{key}_error_pct"] = round(100.0 * (np.count_nonzero(lesions == label) / truth - 1.0), 1)
+            if model is not None:
+                in_ref = segment_lesions(hu, ref, model)
+                row["model_calls_consolidation_pct"] = round(
+                    100.0 * np.count_nonzero(cons & (in_ref == CONSOLIDATION)) / np.count_nonzero(cons), 1)
         rows.append(row)
     return rows
 
@@ -134,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real", action="store_true",
                         help="real scans with reference lungs in ../shared/data/real-ct, and hybrids made from them")
     parser.add_argument("--hybrid-seed", type=int, default=1, help="seed of the painted pneumonia (--real)")
+    parser.add_argument("--no-model", action="store_true", help="--real without the lesion model's figures")
     parser.add_argument("--json", type=Path, help="write the rows as JSON here")
     args = parser.parse_args(argv)
 
@@ -156,8 +207,13 @@ def main(argv: list[str] | None = None) -> int:
         if not names:
             print(f"no real CT with lung masks under {root}", file=sys.stderr)
             return 3
+        model = None
+        if not args.no_model:
+            from ctquant.segment.lesion_model import load_lesion_model
+
+            model = load_lesion_model()
         for name in names:
-            rows += real_case_rows(name, root, args.hybrid_seed)
+            rows += real_case_rows(name, root, args.hybrid_seed, model)
     if not rows:
         parser.error("nothing to evaluate: give --real, --pred/--ref or --phantoms")
 
