@@ -6,7 +6,9 @@ Recipe (hyper-parameters in ``configs/lesion_model.yaml``):
 1. pre-train lesion-vs-background on ``semiseg-pseudo`` (1,600 real slices, machine-made masks): the
    loss compares P(GGO) + P(consolidation) with the pseudo mask;
 2. fine-tune 3-class on the ``medseg-2d`` training slices (radiologist labels), with a few pseudo
-   slices mixed into each batch under the lesion-vs-background loss at a lower weight;
+   slices mixed into each batch under the lesion-vs-background loss at a lower weight, all-background
+   lung crops of real HU scans without pneumonia (``negatives``) and, when ``hybrids.batch_size`` > 0,
+   painted positives: those scans with pneumonia painted in (:func:`load_hybrids`), under the medseg loss;
 3. validate on the held-out slices of ``configs/lesion_split.json`` every epoch, exactly as the
    product predicts (ctquant.segment.lesion_model.predict_proba at full resolution), with monai.metrics.
 
