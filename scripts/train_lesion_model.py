@@ -230,7 +230,8 @@ def load_hybrids(root: Path, entries: list[dict], cfg: dict[str, Any], size_px: 
         for severity in cfg.get("severities", ["moderate", "severe"]):
             for seed in cfg.get("seeds", [10]):
                 t0 = time.monotonic()
-                case = paint_pneumonia(hu, lungs, spacing, severity=severity, seed=int(seed))
+                case = paint_pneumonia(hu, lungs, spacing, severity=severity, seed=int(seed),
+                                      paint_ggo=bool(cfg.get("paint_ggo", True)))
                 x, y, zs = painted_crops(case.hu, lungs, case.lesion_labels, size_px, window_hu,
                                          entry.get("exclude_z", []), int(cfg.get("min_lesion_px", 1)))
                 xs.append(x)
