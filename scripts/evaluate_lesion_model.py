@@ -24,6 +24,12 @@ Real HU data are read too, normalised as the product normalises (``hu_to_unit``,
 ``--unlabelled`` scores nothing: it runs every image (labelled or not) and reports the predicted GGO and
 consolidation share of the crop and their median HU (the check of the HU window on real COVID-19).
 
+``--hybrids`` paints pneumonia (``ctquant.synthetic.hybrid.paint_pneumonia``, ``--hybrid-seed``, moderate and
+severe) into the same scans (``--part``) and reports the share of painted consolidation / GGO the model calls
+consolidation / GGO inside the reference lungs, and the volume errors (``hybrid_scores``)::
+
+    python scripts/evaluate_lesion_model.py --hybrids --part held_out --hybrid-seed 1 --json OUT.json
+
 ``--specificity`` runs the held-out scans without pneumonia of ``configs/lesion_split.json``
 (``real_ct_negatives``; ``--part train|held_out|all``) and reports GGO, consolidation and opacity in %
 of each lung, for the model and for ``--method hu``, inside the product's lung masks and inside the
@@ -344,6 +350,56 @@ def specificity(model: lm.LesionModel, real_ct: Path, entries: list[dict], with_
     return rows
 
 
+def hybrid_scores(pred: np.ndarray, truth: np.ndarray, lungs: np.ndarray) -> dict[str, float]:
+    """How a prediction reads painted pneumonia inside ``lungs`` (all (z, y, x); labels 0/1 GGO/2 consolidation).
+
+    ``consolidation_called_consolidation_pct``: % of painted consolidation voxels called consolidation;
+    ``consolidation_called_lesion_pct``: called GGO or consolidation; ``ggo_called_ggo_pct``,
+    ``ggo_called_lesion_pct`` likewise for painted GGO; ``ggo_volume_error_pct`` and
+    ``consolidation_volume_error_pct``: predicted minus painted volume inside the lungs, in % of the
+    painted volume; ``*_pct_of_lung``: painted and predicted shares of the lung volume.
+    """
+    inside = np.asarray(lungs) > 0
+    pred = np.where(inside, pred, 0)
+    truth = np.where(inside, truth, 0)
+    n_lung = max(1, int(inside.sum()))
+    out: dict[str, float] = {}
+    for label, key in ((lm.GGO, "ggo"), (lm.CONSOLIDATION, "consolidation")):
+        painted = truth == label
+        n_painted = int(painted.sum())
+        n_pred = int((pred == label).sum())
+        out[f"{key}_called_{key}_pct"] = round(100.0 * int((painted & (pred == label)).sum()) / max(1, n_painted), 2)
+        out[f"{key}_called_lesion_pct"] = round(100.0 * int((painted & (pred > 0)).sum()) / max(1, n_painted), 2)
+        out[f"{key}_volume_error_pct"] = round(100.0 * (n_pred - n_painted) / max(1, n_painted), 1)
+        out[f"{key}_painted_pct_of_lung"] = round(100.0 * n_painted / n_lung, 3)
+        out[f"{key}_pred_pct_of_lung"] = round(100.0 * n_pred / n_lung, 3)
+    return out
+
+
+def hybrids(model: lm.LesionModel, real_ct: Path, entries: list[dict], seed: int,
+            severities: tuple[str, ...] = ("moderate", "severe")) -> list[dict]:
+    """Pneumonia painted (``ctquant.synthetic.hybrid.paint_pneumonia``, ``seed``) into each scan of ``entries``,
+    segmented by the model inside the reference lungs as the product does (lung crop, minimum component),
+    scored by :func:`hybrid_scores`; slices in ``exclude_z`` are left out of the lungs."""
+    from ctquant.synthetic.hybrid import paint_pneumonia
+
+    rows = []
+    for entry in entries:
+        hu, spacing, reference = load_reference_scan(real_ct, entry)
+        for severity in severities:
+            case = paint_pneumonia(hu, reference, spacing, severity=severity, seed=seed)
+            lungs = case.lung_labels.copy()
+            for low, high in entry.get("exclude_z", []):
+                lungs[int(low):int(high)] = 0
+            t0 = time.perf_counter()
+            pred = lm.segment_lesions(case.hu, lungs, model, spacing_mm=spacing,
+                                      min_component_mm3=model_min_component_mm3())
+            rows.append({"scan": entry["scan"], "severity": severity, "seed": seed, "lungs": "reference",
+                         "seconds": round(time.perf_counter() - t0, 2),
+                         **hybrid_scores(pred, case.lesion_labels, lungs)})
+    return rows
+
+
 def print_specificity(rows: list[dict]) -> None:
     """One line per scan, lung mask and method: GGO / consolidation % of right, left lung."""
     print(f"{'scan':<34}{'lungs':<11}{'method':<7}{'GGO % R / L / both':>22}{'cons % R / L / both':>22}")
@@ -462,8 +518,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="no scoring: predicted GGO/consolidation share and median HU of every image")
     parser.add_argument("--specificity", action="store_true",
                         help="GGO/consolidation %% of lung on the split's real scans without pneumonia")
+    parser.add_argument("--hybrids", action="store_true",
+                        help="painted pneumonia in the split's real scans (--part): painted consolidation and GGO "
+                             "called, volume errors, inside the reference lungs")
+    parser.add_argument("--hybrid-seed", type=int, default=1,
+                        help="seed of the painted pneumonia for --hybrids (training paints other seeds)")
     parser.add_argument("--part", choices=["held_out", "train", "all"], default="held_out",
-                        help="which real_ct_negatives scans --specificity runs")
+                        help="which real_ct_negatives scans --specificity / --hybrids run")
     parser.add_argument("--real-ct", type=Path, default=DATA_ROOT / "real-ct", help="folder of the real scans")
     parser.add_argument("--no-hu", action="store_true", help="--specificity without the --method hu figures")
     parser.add_argument("--record-accuracy", nargs="+", type=Path, metavar="JSON",
@@ -483,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote ctquant_accuracy into {args.json}")
         return 0
 
-    if args.specificity:
+    if args.specificity or args.hybrids:
         negatives = json.loads(args.split.read_text()).get("real_ct_negatives", {})
         entries = negatives.get("train", []) + negatives.get("held_out", []) if args.part == "all" else negatives.get(args.part, [])
         if not entries:
@@ -512,7 +573,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate_lesion_model: error: {exc}", file=sys.stderr)
         return exc.exit_code
     started = time.perf_counter()
-    if args.specificity:
+    if args.hybrids:
+        rows = hybrids(model, args.real_ct, entries, args.hybrid_seed)
+        result = {"mode": "hybrids", "part": args.part, "split": str(args.split), "real_ct": str(args.real_ct),
+                  "seed": args.hybrid_seed, "unit": "% of painted voxels (called), % of painted volume (error)",
+                  "model": model.provenance(), "device": str(model.device),
+                  "seconds": round(time.perf_counter() - started, 2), "cases": rows}
+    elif args.specificity:
         rows = specificity(model, args.real_ct, entries, with_hu=not args.no_hu)
         result = {"mode": "specificity", "part": args.part, "split": str(args.split), "real_ct": str(args.real_ct),
                   "unit": "% of each lung's volume (right, left, both)", "model": model.provenance(),
@@ -545,7 +612,13 @@ def main(argv: list[str] | None = None) -> int:
     tmp = args.json.with_name(args.json.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(args.json)
-    if args.specificity:
+    if args.hybrids:
+        for r in rows:
+            print(f"{r['scan'][:33]:<34}{r['severity']:<9} consolidation called consolidation "
+                  f"{r['consolidation_called_consolidation_pct']:5.1f} % (lesion {r['consolidation_called_lesion_pct']:5.1f} %)"
+                  f"  GGO called GGO {r['ggo_called_ggo_pct']:5.1f} %  volume error GGO {r['ggo_volume_error_pct']:+.1f} %"
+                  f"  consolidation {r['consolidation_volume_error_pct']:+.1f} %")
+    elif args.specificity:
         print_specificity(rows)
     elif args.unlabelled:
         for r in rows:

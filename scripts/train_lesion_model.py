@@ -6,7 +6,9 @@ Recipe (hyper-parameters in ``configs/lesion_model.yaml``):
 1. pre-train lesion-vs-background on ``semiseg-pseudo`` (1,600 real slices, machine-made masks): the
    loss compares P(GGO) + P(consolidation) with the pseudo mask;
 2. fine-tune 3-class on the ``medseg-2d`` training slices (radiologist labels), with a few pseudo
-   slices mixed into each batch under the lesion-vs-background loss at a lower weight;
+   slices mixed into each batch under the lesion-vs-background loss at a lower weight, all-background
+   lung crops of real HU scans without pneumonia (``negatives``) and, when ``hybrids.batch_size`` > 0,
+   painted positives: those scans with pneumonia painted in (:func:`load_hybrids`), under the medseg loss;
 3. validate on the held-out slices of ``configs/lesion_split.json`` every epoch, exactly as the
    product predicts (ctquant.segment.lesion_model.predict_proba at full resolution), with monai.metrics.
 
@@ -184,6 +186,65 @@ def load_negatives(root: Path, entries: list[dict], size_px: tuple[int, int], wi
     return torch.cat(crops), names
 
 
+def excluded_slices(zs: np.ndarray, exclude_z: list) -> np.ndarray:
+    """True for each slice index of ``zs`` inside one of the ``[low, high)`` ranges of ``exclude_z``."""
+    out = np.zeros(len(zs), bool)
+    for low, high in exclude_z or []:
+        out |= (zs >= int(low)) & (zs < int(high))
+    return out
+
+
+def painted_crops(hu: np.ndarray, lungs: np.ndarray, lesion: np.ndarray, size_px: tuple[int, int],
+                  window_hu: tuple[float, float], exclude_z: list | None = None, min_lesion_px: int = 1
+                  ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Model inputs and labels of a painted scan: (uint8 crops (n, h, w), uint8 labels (n, h, w), z indices).
+
+    The slices are cut exactly as the product cuts them (:func:`ctquant.segment.lesion_model.lung_slice_crops`
+    with the reference ``lungs``: one lung box per volume, ``hu_to_unit``), resized bilinearly to ``size_px``;
+    ``lesion`` (0 / 1 GGO / 2 consolidation, on the scan's grid) is cut with the same box and resized
+    nearest. Only slices with at least ``min_lesion_px`` painted lesion pixels (in the crop) and outside
+    ``exclude_z`` are kept; slices without lesion are the negatives' job.
+    """
+    zs, box, unit = lm.lung_slice_crops(hu, lungs, window_hu)
+    if box is None:
+        return (torch.zeros((0, *size_px), dtype=torch.uint8), torch.zeros((0, *size_px), dtype=torch.uint8),
+                np.zeros(0, dtype=np.int64))
+    labels = np.asarray(lesion)[zs][:, box[1], box[2]]
+    keep = ~excluded_slices(zs, exclude_z or []) & ((labels > 0).sum(axis=(1, 2)) >= int(min_lesion_px))
+    x = lm.resize_unit_slices(unit[keep], size_px)[:, 0]
+    y = F.interpolate(torch.as_tensor(labels[keep][:, None].astype(np.float32)), size=size_px, mode="nearest")[:, 0]
+    return (x * 255.0 + 0.5).clamp(0, 255).to(torch.uint8), y.to(torch.uint8), zs[keep]
+
+
+def load_hybrids(root: Path, entries: list[dict], cfg: dict[str, Any], size_px: tuple[int, int],
+                 window_hu: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Painted positives: pneumonia painted (``ctquant.synthetic.hybrid.paint_pneumonia``) into each training
+    negative's scan for every severity and seed of ``cfg``, cropped by :func:`painted_crops`; painted once,
+    kept in memory as uint8 (crops, labels) and names ``scan|severity|seed#z``."""
+    from evaluate_lesion_model import load_reference_scan
+    from ctquant.synthetic.hybrid import paint_pneumonia
+
+    xs, ys, names = [], [], []
+    for entry in entries:
+        hu, spacing, lungs = load_reference_scan(root / "real-ct", entry)
+        for severity in cfg.get("severities", ["moderate", "severe"]):
+            for seed in cfg.get("seeds", [10]):
+                t0 = time.monotonic()
+                case = paint_pneumonia(hu, lungs, spacing, severity=severity, seed=int(seed),
+                                      paint_ggo=bool(cfg.get("paint_ggo", True)))
+                x, y, zs = painted_crops(case.hu, lungs, case.lesion_labels, size_px, window_hu,
+                                         entry.get("exclude_z", []), int(cfg.get("min_lesion_px", 1)))
+                xs.append(x)
+                ys.append(y)
+                names += [f"{entry['scan']}|{severity}|{seed}#{int(z)}" for z in zs]
+                log.info("hybrids: %s %s seed %s, %d slices (%.0f s)", entry["scan"], severity, seed, len(zs),
+                         time.monotonic() - t0)
+    if not xs:
+        empty = torch.zeros((0, *size_px), dtype=torch.uint8)
+        return empty, empty.clone(), []
+    return torch.cat(xs), torch.cat(ys), names
+
+
 def cv_split(root: Path, names: list[str], fold: int, n_folds: int, seed: int) -> dict[str, list[str]]:
     """Fold ``fold`` of ``n_folds``, stratified by lesion share (sorted, then dealt out in shuffled rounds)."""
     share = {n: float((read_label(root / "medseg-2d" / "labels" / f"{Path(n).stem}.png") > 0).mean()) for n in names}
@@ -278,6 +339,16 @@ def negatives_opacity_pct(network: torch.nn.Module, metadata: dict[str, Any], ne
     labels = lm.predict_slices(model, neg_x.float().numpy() / 255.0, batch_size=32)
     network.train()
     return round(100.0 * float((labels > 0).mean()), 4)
+
+
+def painted_called_pct(network: torch.nn.Module, metadata: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> float:
+    """% of painted consolidation pixels of the crops ``x`` (labels ``y``) the network calls consolidation."""
+    network.eval()
+    model = lm.LesionModel(network=network, path=Path("<training>"), sha256="", metadata=metadata)
+    labels = lm.predict_slices(model, x.float().numpy() / 255.0, batch_size=32)
+    network.train()
+    truth = y.numpy() == lm.CONSOLIDATION
+    return round(100.0 * float((truth & (labels == lm.CONSOLIDATION)).sum()) / max(1, int(truth.sum())), 2)
 
 
 # ---------------------------------------------------------------------------------------- bundle
@@ -394,6 +465,17 @@ def main(argv: list[str] | None = None) -> int:
                                           tuple(config["model"]["hu_window"]))
         if not len(neg_x):
             n_negative = 0
+    hyb_cfg = config.get("hybrids", {}) or {}
+    n_hybrid = int(hyb_cfg.get("batch_size", 0)) if fin["steps"] > 0 else 0
+    hyb_names: list[str] = []
+    if n_hybrid:
+        split_file = json.loads((REPO_ROOT / config["data"]["split"]).read_text())
+        hyb_x, hyb_y, hyb_names = load_hybrids(root, split_file["real_ct_negatives"]["train"], hyb_cfg, size_px,
+                                               tuple(config["model"]["hu_window"]))
+        if not len(hyb_x):
+            n_hybrid = 0
+        else:  # a fixed subset to monitor painted consolidation called consolidation
+            monitor_idx = np.random.default_rng(seed).choice(len(hyb_x), size=min(64, len(hyb_x)), replace=False)
     log.info("medseg: %d train / %d val slices; data loaded in %.0f s", len(train_x), len(val_x),
              time.monotonic() - started)
 
@@ -477,14 +559,20 @@ def main(argv: list[str] | None = None) -> int:
                 nx, _ = augment_batch(augment, [neg_x[i].float() / 255.0 for i in nidx],
                                       [torch.zeros_like(neg_x[i]) for i in nidx])
                 parts.append(nx)
+            if n_hybrid:
+                hidx = rng.integers(0, len(hyb_x), n_hybrid)
+                hx, hy = augment_batch(augment, [hyb_x[i].float() / 255.0 for i in hidx], [hyb_y[i] for i in hidx])
+                parts.append(hx)
             logits = network(torch.cat(parts)) if len(parts) > 1 else network(x)
             loss = dice_ce(logits[: len(x)], y)
             if n_pseudo:
                 loss = loss + fin["pseudo_loss_weight"] * lesion_loss(logits[len(x):len(x) + n_pseudo], py)
             if n_negative:
-                neg_logits = logits[len(x) + n_pseudo:]
+                neg_logits = logits[len(x) + n_pseudo:len(x) + n_pseudo + n_negative]
                 target = torch.zeros((len(neg_logits), *neg_logits.shape[2:]), dtype=torch.long)
                 loss = loss + float(neg_cfg["loss_weight"]) * F.cross_entropy(neg_logits, target)
+            if n_hybrid:  # the same loss as the medseg slices
+                loss = loss + float(hyb_cfg.get("loss_weight", 1.0)) * dice_ce(logits[-n_hybrid:], hy)
             loss.backward()
             opt.step()
             sched.step()
@@ -494,12 +582,17 @@ def main(argv: list[str] | None = None) -> int:
                 val = validate(network, metadata, val_x, val_y)
                 if n_negative:
                     val["train_negatives_opacity_pct"] = negatives_opacity_pct(network, metadata, neg_x)
+                if n_hybrid:
+                    val["train_hybrids_consolidation_called_pct"] = painted_called_pct(
+                        network, metadata, hyb_x[monitor_idx], hyb_y[monitor_idx])
                 score = (val["dice_ggo"] + val["dice_consolidation"] + val["dice_lesion"]) / 3.0
                 epoch = math.ceil(step / fin["steps_per_epoch"])
                 log.info("epoch %2d (step %4d/%d)  loss %.4f  val Dice GGO %.3f  consolidation %.3f  lesion %.3f"
-                         "  negatives opacity %s %%  (%.2f s/step, %.1f min total)", epoch, step, fin["steps"],
+                         "  negatives opacity %s %%  painted consolidation called %s %%  (%.2f s/step, %.1f min total)",
+                         epoch, step, fin["steps"],
                          float(np.mean(losses[-fin["steps_per_epoch"]:])), val["dice_ggo"],
-                         val["dice_consolidation"], val["dice_lesion"], val.get("train_negatives_opacity_pct"), (time.monotonic() - t0) / step,
+                         val["dice_consolidation"], val["dice_lesion"], val.get("train_negatives_opacity_pct"),
+                         val.get("train_hybrids_consolidation_called_pct"), (time.monotonic() - t0) / step,
                          (time.monotonic() - started) / 60)
                 history.append({"phase": "finetune", "epoch": epoch, "step": step,
                                 "loss": round(float(np.mean(losses[-fin["steps_per_epoch"]:])), 4),
@@ -528,6 +621,12 @@ def main(argv: list[str] | None = None) -> int:
         "negatives": ({"scans": sorted({n.split("#")[0] for n in neg_names}), "n_slices": len(neg_names),
                        "batch_size": n_negative, "loss_weight": float(neg_cfg.get("loss_weight", 0.0))}
                       if n_negative else None),
+        "hybrids": ({"what": "pneumonia painted into the training negatives' scans (ctquant.synthetic.hybrid."
+                             "paint_pneumonia), slices with painted lesion, labels 1 GGO / 2 consolidation",
+                     "scans": sorted({n.split("|")[0] for n in hyb_names}), "n_slices": len(hyb_names),
+                     "severities": list(hyb_cfg.get("severities", [])), "seeds": list(hyb_cfg.get("seeds", [])),
+                     "batch_size": n_hybrid, "loss_weight": float(hyb_cfg.get("loss_weight", 1.0))}
+                    if n_hybrid else None),
         "init": str(args.init) if args.init else None,
         "checkpoint": chosen,
         "validation_at_checkpoint": chosen_val,

@@ -413,3 +413,86 @@ def test_model_min_component_is_a_config_key_the_product_applies(monkeypatch):
     run_scan.segment_lesions(FakeScan(), np.ones((4, 8, 8), np.uint8), method="model", model=object(),
                              config={"model_min_component_mm3": 123.0})
     assert seen == {"spacing_mm": (2.0, 0.5, 0.5), "min_component_mm3": 123.0}
+
+
+# ------------------------------------------------------- painted positives (issue 15, consolidation)
+def _train_module():
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import train_lesion_model
+
+    return train_lesion_model
+
+
+def test_painted_crops_labels_line_up_with_the_product_crops():
+    """Consolidation painted at +40 HU and GGO at -500 HU: after the product's crop and the resize, the
+    label pixels sit on those densities, not on aerated lung (-850) or outside the lungs."""
+    train = _train_module()
+    hu, lungs = _phantom()
+    lesion = np.zeros(hu.shape, np.uint8)
+    lesion[hu == -500] = lm.GGO
+    z, y, x = np.mgrid[: hu.shape[0], : hu.shape[1], : hu.shape[2]]
+    square = lungs & (z == 3) & (np.abs(y - 50) <= 5) & (np.abs(x - 70) <= 5)
+    hu[square] = 40
+    lesion[square] = lm.CONSOLIDATION
+    crops, labels, zs = train.painted_crops(hu, lungs, lesion, (48, 48), lm.DEFAULT_HU_WINDOW, exclude_z=[[4, 6]])
+    assert zs.tolist() == [1, 2, 3]  # slice 4 excluded, slices 0 and 5 hold no lung
+    assert crops.shape == labels.shape == (3, 48, 48) and crops.dtype == labels.dtype == torch.uint8
+    unit = crops.float().numpy() / 255.0
+    labels = labels.numpy()
+    cons, ggo = labels == lm.CONSOLIDATION, labels == lm.GGO
+    assert cons[2].sum() > 5 and not cons[:2].any()
+    assert np.median(unit[cons]) == pytest.approx(float(lm.hu_to_unit(np.array([40.0]))[0]), abs=0.02)
+    assert np.median(unit[ggo]) == pytest.approx(float(lm.hu_to_unit(np.array([-500.0]))[0]), abs=0.05)
+    assert np.median(unit[labels == 0]) < 0.3  # the rest of the crop: mostly aerated lung and outside air
+    none, _, none_z = train.painted_crops(hu, lungs, np.zeros_like(lesion), (48, 48), lm.DEFAULT_HU_WINDOW)
+    assert none.shape[0] == 0 and none_z.size == 0
+
+
+def test_load_hybrids_paints_the_training_scan_with_aligned_labels(shared_data):
+    """Real scan (COPDGene, a training negative), painted: consolidation labels sit at +20..+50 HU."""
+    train = _train_module()
+    entry = next(e for e in json.loads((REPO_ROOT / "configs" / "lesion_split.json").read_text())[
+        "real_ct_negatives"]["train"] if e["scan"].startswith("copdgene"))
+    crops, labels, names = train.load_hybrids(shared_data, [entry], {"severities": ["moderate"], "seeds": [11]},
+                                              (96, 96), lm.DEFAULT_HU_WINDOW)
+    assert len(names) == crops.shape[0] == labels.shape[0] > 20
+    assert all(n.startswith(entry["scan"] + "|moderate|11#") for n in names)
+    from ctquant.synthetic.hybrid import paint_pneumonia
+
+    hu, spacing, lungs = _evaluate_module().load_reference_scan(shared_data / "real-ct", entry)
+    case = paint_pneumonia(hu, lungs, spacing, severity="moderate", seed=11)
+    unit = crops.float().numpy() / 255.0
+    for label in (lm.GGO, lm.CONSOLIDATION):
+        # the crops' label pixels carry the painted density of the native grid (partial volume included:
+        # at 4 mm the painted edge voxels are blends, so the consolidation median is about -125 HU)
+        native = float(lm.hu_to_unit(np.array([np.median(case.hu[case.lesion_labels == label])]))[0])
+        assert (labels.numpy() == label).sum() > 1000
+        assert np.median(unit[labels.numpy() == label]) == pytest.approx(native, abs=0.03), label
+    again, again_labels, _ = train.load_hybrids(shared_data, [entry], {"severities": ["moderate"], "seeds": [11]},
+                                                (96, 96), lm.DEFAULT_HU_WINDOW)
+    assert torch.equal(again, crops) and torch.equal(again_labels, labels)  # deterministic by seed
+
+
+def test_hybrid_scores_count_a_known_case():
+    """100 painted consolidation voxels: 60 called consolidation, 20 GGO, 20 missed, 10 extra; outside the
+    lungs nothing counts."""
+    evaluate = _evaluate_module()
+    truth = np.zeros((1, 20, 20), np.uint8)
+    pred = np.zeros_like(truth)
+    lungs = np.zeros_like(truth)
+    lungs[0, :, :15] = 1
+    truth[0, :10, :10] = lm.CONSOLIDATION
+    flat_pred = pred[0, :10, :10].reshape(-1)
+    flat_pred[:60] = lm.CONSOLIDATION
+    flat_pred[60:80] = lm.GGO
+    pred[0, :10, :10] = flat_pred.reshape(10, 10)
+    pred[0, 12:14, 10:15] = lm.CONSOLIDATION      # 10 extra consolidation voxels in the lung
+    truth[0, 15:20, 10:14] = lm.GGO                # 20 painted GGO voxels, none found
+    pred[0, :, 16:] = lm.CONSOLIDATION             # outside the lungs: ignored
+    truth[0, :, 17:] = lm.GGO
+    scores = evaluate.hybrid_scores(pred, truth, lungs)
+    assert scores["consolidation_called_consolidation_pct"] == 60.0
+    assert scores["consolidation_called_lesion_pct"] == 80.0
+    assert scores["consolidation_volume_error_pct"] == -30.0      # 70 predicted for 100 painted
+    assert scores["ggo_called_ggo_pct"] == 0.0 and scores["ggo_volume_error_pct"] == 0.0  # 20 predicted, 20 painted
+    assert scores["consolidation_painted_pct_of_lung"] == pytest.approx(100 * 100 / 300, abs=0.001)

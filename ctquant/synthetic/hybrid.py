@@ -87,7 +87,7 @@ def _lung_frame(lung: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def paint_pneumonia(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tuple[float, float, float], *,
                     severity: str = "moderate", seed: int = 0,
                     consolidation_hu: tuple[float, float] = (20.0, 50.0),
-                    ggo_hu: tuple[float, float] = (-650.0, -350.0)) -> HybridCase:
+                    ggo_hu: tuple[float, float] = (-650.0, -350.0), paint_ggo: bool = True) -> HybridCase:
     """Paint consolidation and GGO into the lungs of a real scan (see the module docstring).
 
     Args:
@@ -96,6 +96,8 @@ def paint_pneumonia(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tuple[f
         severity: ``moderate`` (dependent pleura-based consolidation in both bases, a mediastinal
             patch, GGO) or ``severe`` (also a whole airless lower lobe on each side, more GGO).
         seed: the random stream (lesion shapes, densities, noise).
+        paint_ggo: paint ground glass (a rim around each consolidation and separate patches); False paints the
+            consolidation alone, with the same shapes.
     """
     if severity not in SEVERITIES:
         raise ValueError(f"severity must be one of {SEVERITIES}, not {severity!r}")
@@ -132,6 +134,8 @@ def paint_pneumonia(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tuple[f
     lung_any = lung_labels > 0
     rim = lung_any & (ndi.distance_transform_edt(~consolidation, sampling=spacing_mm) <= 8.0)
     ggo = (ggo | rim) & ~consolidation & lung_any
+    if not paint_ggo:
+        ggo[:] = False
     painted = _blend(hu, lung_any, consolidation, ggo, rng, consolidation_hu, ggo_hu, noise_sd)
     lesion = np.zeros(shape, dtype=np.uint8)
     cons_w, ggo_w, cons_value, ggo_value = painted["weights"]
