@@ -118,6 +118,9 @@ def test_hybrid_is_deterministic_and_inside_the_lungs(shared_data):
     assert both["consolidation_ml"] == pytest.approx(np.count_nonzero(cons) * voxel_ml, abs=0.01)
     severe = paint_pneumonia(hu, ref, spacing, severity="severe", seed=4)
     assert severe.volumes_ml["both"]["consolidation_ml"] > 1.5 * both["consolidation_ml"]
+    alone = paint_pneumonia(hu, ref, spacing, severity="moderate", seed=4, paint_ggo=False)
+    assert not (alone.lesion_labels == GGO).any()  # consolidation painted alone, same shapes
+    assert np.array_equal(alone.lesion_labels == CONSOLIDATION, cons)
 
 
 def test_hybrid_lungs_keep_painted_consolidation_at_the_ribs(shared_data):
