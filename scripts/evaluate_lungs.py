@@ -158,14 +158,15 @@ def real_case_rows(name: str, root: Path, hybrid_seed: int, model: LesionModel |
             row.update({"consolidation_kept_pct": kept["all"], "kept_lateral_pct": kept["lateral"],
                         "kept_medial_pct": kept["medial"]})
             methods = {"hu": segment_lesions_hu_config(hu, pred, scan.spacing_mm, config)}
+            min_mm3 = float(config.get("model_min_component_mm3", 0.0))  # as the product runs the model
             if model is not None:
-                methods["model"] = segment_lesions(hu, pred, model)
+                methods["model"] = segment_lesions(hu, pred, model, spacing_mm=scan.spacing_mm, min_component_mm3=min_mm3)
             for method, lesions in methods.items():
                 for label, key in ((GGO, "ggo"), (CONSOLIDATION, "consolidation")):
                     truth = np.count_nonzero(case.lesion_labels == label)
                     row[f"{method}_{key}_error_pct"] = round(100.0 * (np.count_nonzero(lesions == label) / truth - 1.0), 1)
             if model is not None:
-                in_ref = segment_lesions(hu, ref, model)
+                in_ref = segment_lesions(hu, ref, model, spacing_mm=scan.spacing_mm, min_component_mm3=min_mm3)
                 row["model_calls_consolidation_pct"] = round(
                     100.0 * np.count_nonzero(cons & (in_ref == CONSOLIDATION)) / np.count_nonzero(cons), 1)
         rows.append(row)
