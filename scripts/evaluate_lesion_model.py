@@ -133,12 +133,10 @@ def load_reference_scan(real_ct: Path, entry: dict) -> tuple[np.ndarray, tuple[f
     folder or volume file under ``real_ct``), ``lungs`` (label volume on the same grid) and
     ``lung_values`` (its label value → 1 right / 2 left). ``exclude_z`` is not applied here.
     """
-    import SimpleITK as sitk
-
-    from ctquant.io.scans import load_scan
+    from ctquant.io.scans import load_scan, read_label_image as read_label_volume
 
     scan = load_scan(real_ct / entry["scan"])
-    values = np.asarray(sitk.GetArrayFromImage(sitk.ReadImage(str(real_ct / entry["lungs"]))))
+    values, _ = read_label_volume(real_ct / entry["lungs"])  # in LPS, as load_scan delivers the scan
     if values.shape != scan.hu.shape:
         raise ValueError(f"{entry['lungs']}: lung mask {values.shape} differs from scan {scan.hu.shape}")
     lungs = np.zeros(values.shape, dtype=np.uint8)
