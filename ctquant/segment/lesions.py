@@ -220,11 +220,21 @@ def normal_lung_level_hu(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tu
     return level
 
 
-def remove_small(mask: np.ndarray, min_voxels: float) -> np.ndarray:
-    """Drop 3D connected components with fewer than ``min_voxels`` voxels."""
+def remove_small(mask: np.ndarray, min_voxels: float, connectivity: int = 1) -> np.ndarray:
+    """Drop connected components with fewer than ``min_voxels`` voxels.
+
+    ``connectivity`` as in :func:`scipy.ndimage.generate_binary_structure` (1: faces only; ``mask.ndim``:
+    faces, edges and corners). Components are labelled within the mask's bounding box and counted over
+    its voxels only, so a small lesion in a large volume costs little.
+    """
     if min_voxels <= 1 or not mask.any():
         return mask
-    comps, _ = ndi.label(mask)
-    keep = np.bincount(comps.ravel()) >= min_voxels
-    keep[0] = False
-    return keep[comps]
+    box = tuple(slice(int(i[0]), int(i[-1]) + 1) for i in (
+        np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis))) for axis in range(mask.ndim)))
+    inner = mask[box]
+    comps, _ = ndi.label(inner, structure=ndi.generate_binary_structure(mask.ndim, connectivity))
+    of_mask = comps[inner]
+    keep = np.bincount(of_mask) >= min_voxels
+    out = np.zeros(mask.shape, dtype=bool)
+    out[box][inner] = keep[of_mask]
+    return out
