@@ -37,7 +37,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
-from .grid import block_mean, coarse_factors, upsample_blocks
+from .grid import block_mean_edge, coarse_factors, upsample_blocks
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +267,17 @@ def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
                                dense_max_hu=dense_max_hu)
 
 
+def _bounding_box(volume: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """The box of a (z, y, x) volume's nonzero voxels, from max projections (ndi.find_objects is slow on full
+    volumes); None when all are zero."""
+    zs = np.flatnonzero(volume.reshape(volume.shape[0], -1).max(axis=1))
+    if zs.size == 0:
+        return None
+    plane = volume[zs[0]: zs[-1] + 1].max(axis=0)
+    ys, xs = np.flatnonzero(plane.max(axis=1)), np.flatnonzero(plane.max(axis=0))
+    return slice(zs[0], zs[-1] + 1), slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1)
+
+
 def _block_mean_near(hu: np.ndarray, near: np.ndarray, factors: tuple[int, int, int],
                      margin_blocks: float) -> np.ndarray:
     """Block means of ``hu`` on the coarse grid of ``near``, computed within ``margin_blocks`` of its
@@ -281,8 +292,7 @@ def _block_mean_near(hu: np.ndarray, near: np.ndarray, factors: tuple[int, int, 
     x0, x1 = max(0, xs[0] - m), min(near.shape[2], xs[-1] + m + 1)
     fz, fy, fx = factors
     sub = hu[: near.shape[0] * fz, y0 * fy: y1 * fy, x0 * fx: x1 * fx]
-    pad = [(0, n * f - k) for n, f, k in zip((near.shape[0], y1 - y0, x1 - x0), factors, sub.shape)]
-    out[:, y0:y1, x0:x1] = block_mean(np.pad(sub, pad, mode="edge"), factors)
+    out[:, y0:y1, x0:x1] = block_mean_edge(sub, factors)  # a trailing partial block padded with its edge voxels
     return out
 
 
@@ -298,10 +308,11 @@ def settle_pleural_edge(labels: np.ndarray, hu: np.ndarray, *, wall_hu: float = 
     (``wall_hu``). Fat (``fat_hu``, mediastinal and extrapleural) and bone never join. Works on the
     lung's dense voxels only, so it costs little on large scans.
     """
-    boxes = [b for b in ndi.find_objects(labels, max_label=LEFT) if b is not None]
-    if not boxes:
+    # Each step adds in-plane neighbours of lung voxels only, so the lungs' box grown in-plane by ``steps`` holds all
+    # the work (a box taken over other label values too only holds more of the same).
+    box = _bounding_box(labels)
+    if box is None:
         return labels
-    box = tuple(slice(min(b[axis].start for b in boxes), max(b[axis].stop for b in boxes)) for axis in range(3))
     box = tuple(slice(b.start, b.stop) if axis == 0 else slice(max(0, b.start - steps), min(n, b.stop + steps))
                 for axis, (b, n) in enumerate(zip(box, labels.shape)))
     sub = np.array(labels[box]).reshape(-1)  # a copy: the caller's labels stay as they are
@@ -362,6 +373,7 @@ def fill_to_rib_cage(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, spaci
     bone = ((hu if bone_hu_volume is None else bone_hu_volume) >= bone_hu) & body
     size = max(1, int(round(cage_z_mm / sz))) | 1
     cage = ndi.maximum_filter1d(bone.view(np.uint8), size=size, axis=0).astype(bool)
+    soft = (hu >= dense_min_hu) & (hu < bone_hu) & body  # soft tissue: what a filled stretch is made of
     out = labels.copy()
     step_mm = 0.5 * min(sy, sx)
     theta = np.linspace(0, 2 * np.pi, n_angles, endpoint=False)
@@ -370,6 +382,7 @@ def fill_to_rib_cage(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, spaci
     radii = np.arange(0, 0.6 * max(ny * sy, nx * sx), step_mm)
     n_r = len(radii)
     index = np.arange(n_r)[None, :]
+    ray_y, ray_x = radii[None, :] * dy[:, None] / sy, radii[None, :] * dx[:, None] / sx  # ray points from the centre
     x_mid = np.nonzero(body.any(axis=(0, 1)))[0].mean()
     median_size = int(median_deg * n_angles / 360) | 1
     for side in (RIGHT, LEFT):
@@ -381,34 +394,34 @@ def fill_to_rib_cage(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, spaci
             cy, cx = ndi.center_of_mass(lung)
             medial = np.sign(x_mid - cx)  # +1: medial is +x
             towards_wall = ((dx * medial) <= max_medial) & (dy >= 0.0)
-            yy = np.rint(cy + radii[None, :] * dy[:, None] / sy).astype(int)
-            xx = np.rint(cx + radii[None, :] * dx[:, None] / sx).astype(int)
+            yy = np.rint(cy + ray_y).astype(int)
+            xx = np.rint(cx + ray_x).astype(int)
             inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
             yy, xx = np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)
-            on_lung = lung[yy, xx] & inside
+            flat = yy * nx + xx  # one flat index for the look-ups along the rays
+            on_lung = lung.ravel()[flat] & inside
             last_lung = np.where(on_lung.any(axis=1), n_r - 1 - np.argmax(on_lung[:, ::-1], axis=1), -1)
             beyond = index > last_lung[:, None]
-            hit = cage[z][yy, xx] & inside & beyond
+            hit = cage[z].ravel()[flat] & inside & beyond
             first_bone = np.where(hit.any(axis=1), np.argmax(hit, axis=1), n_r).astype(float)
             limit = np.minimum(first_bone, median_filter(first_bone, size=median_size, mode="wrap"))
-            values = hu[z][yy, xx]
-            dense = (values >= dense_min_hu) & (values < bone_hu) & body[z][yy, xx] & inside
+            dense = soft[z].ravel()[flat] & inside
             rays[z] = (yy, xx, last_lung, limit, towards_wall, beyond, dense)
         gaps = [(r[3] - r[2])[(r[2] >= 0) & (r[3] < n_r) & r[4]] for r in rays.values()]
         gaps = np.concatenate(gaps) if gaps else np.zeros(0)
         if gaps.size < 50:
             continue
         wall = np.percentile(gaps, wall_percentile) + wall_extra_mm / step_mm
+        fill = np.zeros(labels.shape, dtype=bool)
         for z, (yy, xx, last_lung, limit, towards_wall, beyond, dense) in rays.items():
             ok = towards_wall & (last_lung >= 0) & (limit < n_r) & ((limit - last_lung) * step_mm <= max_fill_mm)
             stretch = beyond & (index < (limit - wall)[:, None])
             ok &= ~(stretch & ~dense).any(axis=1)  # the whole stretch is soft tissue: no fat, air or bone
             chosen = stretch & ok[:, None]
-            if chosen.any():
-                fill = np.zeros((ny, nx), dtype=bool)
-                fill[yy[chosen], xx[chosen]] = True
-                fill = ndi.binary_closing(fill, iterations=2) & (labels[z] == 0) & (hu[z] < bone_hu) & body[z]
-                out[z][fill & (out[z] == 0)] = side
+            fill[z, yy[chosen], xx[chosen]] = True
+        # closed per axial slice (no links between slices), all slices in one call
+        fill = ndi.binary_closing(fill, structure=_SLICEWISE, iterations=2) & (labels == 0) & (hu < bone_hu) & body
+        out[fill & (out == 0)] = side
     return out
 
 
@@ -458,7 +471,7 @@ def _refine(labels_c: np.ndarray, dense_added_c: np.ndarray, hu: np.ndarray, fac
         return out
     if factors == (1, 1, 1):
         return labels_c.astype(np.uint8)
-    box = ndi.find_objects((labels_c > 0).astype(np.uint8))[0]
+    box = _bounding_box(labels_c)
     box_c = tuple(slice(max(0, b.start - 1), min(n, b.stop + 1)) for b, n in zip(box, labels_c.shape))
     box_full = tuple(slice(b.start * f, min(n, b.stop * f)) for b, f, n in zip(box_c, factors, hu.shape))
     labels_box = labels_c[box_c]
@@ -467,14 +480,9 @@ def _refine(labels_c: np.ndarray, dense_added_c: np.ndarray, hu: np.ndarray, fac
     for label in (LEFT, RIGHT):
         near_c[ndi.binary_dilation(labels_box == label) & ~lung_box] = label
     interior_c = ndi.binary_erosion(lung_box)
+    dense_c = np.where(dense_added_c[box_c] | interior_c, labels_box, 0).astype(np.uint8)  # label of a dense voxel
     hu_box = hu[box_full]
-    shape = hu_box.shape
-    labels = upsample_blocks(labels_box, factors, shape)
-    near = upsample_blocks(near_c, factors, shape)
-    keep_dense = upsample_blocks(dense_added_c[box_c] | interior_c, factors, shape)
-    air = hu_box < air_threshold_hu
-    dense = ~air & (hu_box < dense_max_hu)
-    lung = labels > 0
-    refined = np.where(air, near, labels * (lung & dense & keep_dense)).astype(np.uint8)
-    out[box_full] = refined
+    refined = out[box_full]  # a view: written in place
+    np.multiply(upsample_blocks(dense_c, factors, hu_box.shape), hu_box < dense_max_hu, out=refined)
+    np.copyto(refined, upsample_blocks(near_c, factors, hu_box.shape), where=hu_box < air_threshold_hu)
     return out
