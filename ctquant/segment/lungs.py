@@ -183,19 +183,30 @@ def _largest_components(mask: np.ndarray, min_share: float = 0.05) -> list[np.nd
 
 
 def split_lungs(lungs: np.ndarray, max_erosions: int = 12) -> tuple[np.ndarray, np.ndarray] | None:
-    """Split one connected air region into two lungs by erosion then watershed, or None if it won't."""
-    eroded = lungs.copy()
+    """Split one connected air region into two lungs by erosion then watershed, or None if it won't.
+
+    Works in the region's bounding box grown by one voxel of background: erosion, labelling (in the same
+    raster order), distance to the background and watershed see the same region there.
+    """
+    box = _bounding_box(lungs)
+    if box is None:
+        return None
+    box = tuple(slice(max(0, b.start - 1), min(n, b.stop + 1)) for b, n in zip(box, lungs.shape))
+    region = lungs[box]
+    eroded = region.copy()
     structure = ndi.generate_binary_structure(3, 1)
     for _ in range(max_erosions):
         eroded = ndi.binary_erosion(eroded, structure)
         parts = _largest_components(eroded, min_share=0.1)
         if len(parts) == 2:
-            markers = np.zeros(lungs.shape, dtype=np.int32)
+            markers = np.zeros(region.shape, dtype=np.int32)
             markers[parts[0]] = 1
             markers[parts[1]] = 2
-            distance = ndi.distance_transform_cdt(lungs, metric="taxicab")
-            regions = watershed(-distance, markers, mask=lungs)
-            return regions == 1, regions == 2
+            distance = ndi.distance_transform_cdt(region, metric="taxicab")
+            regions = watershed(-distance, markers, mask=region)
+            split = np.zeros((2,) + lungs.shape, dtype=bool)
+            split[(slice(None),) + box] = regions == 1, regions == 2
+            return split[0], split[1]
         if not eroded.any():
             break
     return None
@@ -209,8 +220,15 @@ def _right_left(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _fill_slices(mask: np.ndarray) -> np.ndarray:
-    """Fill holes in each axial slice (vessels and lesions enclosed by aerated lung)."""
-    return ndi.binary_fill_holes(mask, structure=_SLICEWISE)
+    """Fill holes in each axial slice (vessels and lesions enclosed by aerated lung).
+
+    Works in the mask's bounding box: outside it every slice is background that reaches the image border.
+    """
+    out = np.zeros(mask.shape, dtype=bool)
+    box = _bounding_box(mask)
+    if box is not None:
+        out[box] = ndi.binary_fill_holes(mask[box], structure=_SLICEWISE)
+    return out
 
 
 def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
@@ -264,7 +282,7 @@ def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
     dense_added = (labels_c > 0) & ~air
     labels = _refine(labels_c, dense_added, hu, factors, air_threshold_hu, dense_max_hu)
     return settle_pleural_edge(labels, hu, wall_hu=wall_hu, lead_hu=(air_threshold_hu, 20.0),
-                               dense_max_hu=dense_max_hu)
+                               dense_max_hu=dense_max_hu, in_place=True)
 
 
 def _bounding_box(volume: np.ndarray) -> tuple[slice, slice, slice] | None:
@@ -298,7 +316,7 @@ def _block_mean_near(hu: np.ndarray, near: np.ndarray, factors: tuple[int, int, 
 
 def settle_pleural_edge(labels: np.ndarray, hu: np.ndarray, *, wall_hu: float = 40.0,
                         lead_hu: tuple[float, float] = (-400.0, 20.0), fat_hu: tuple[float, float] = (-150.0, -60.0),
-                        dense_max_hu: float = 200.0, steps: int = 2) -> np.ndarray:
+                        dense_max_hu: float = 200.0, steps: int = 2, in_place: bool = False) -> np.ndarray:
     """Move each lung's edge out, one in-plane voxel per step, where half-density says the lung goes on.
 
     A fixed air threshold puts the pleural edge half-way between aerated lung and the chest wall; where
@@ -306,19 +324,22 @@ def settle_pleural_edge(labels: np.ndarray, hu: np.ndarray, *, wall_hu: float = 
     just outside a lung joins it when its density is below the midpoint between its dense in-plane lung
     neighbours (``lead_hu``: denser than the air threshold, lighter than blood) and the chest wall
     (``wall_hu``). Fat (``fat_hu``, mediastinal and extrapleural) and bone never join. Works on the
-    lung's dense voxels only, so it costs little on large scans.
+    lung's dense voxels only, so it costs little on large scans. Returns a copy of ``labels``, or with
+    ``in_place`` ``labels`` itself (C-contiguous) changed.
     """
-    # Each step adds in-plane neighbours of lung voxels only, so the lungs' box grown in-plane by ``steps`` holds all
-    # the work (a box taken over other label values too only holds more of the same).
-    box = _bounding_box(labels)
-    if box is None:
-        return labels
-    box = tuple(slice(b.start, b.stop) if axis == 0 else slice(max(0, b.start - steps), min(n, b.stop + steps))
-                for axis, (b, n) in enumerate(zip(box, labels.shape)))
-    sub = np.array(labels[box]).reshape(-1)  # a copy: the caller's labels stay as they are
-    hu_sub = np.ascontiguousarray(hu[box]).reshape(-1)
-    ny, nx = labels[box].shape[1:]
-    lead = np.flatnonzero((sub > 0) & (hu_sub >= lead_hu[0]) & (hu_sub < lead_hu[1]))
+    if in_place and not labels.flags.c_contiguous:
+        raise ValueError("settle_pleural_edge: in_place needs C-contiguous labels")
+    out = labels if in_place else np.array(labels, order="C")
+    nz, ny, nx = out.shape
+    sub = out.reshape(-1)  # a view: flat indices of the whole volume
+
+    def hu_at(flat: np.ndarray) -> np.ndarray:
+        return hu[np.unravel_index(flat, hu.shape)]
+
+    with_lung = np.flatnonzero(sub.reshape(nz, -1).max(axis=1))
+    lead = [np.flatnonzero((out[z] > 0) & (hu[z] >= lead_hu[0]) & (hu[z] < lead_hu[1])) + z * ny * nx
+            for z in with_lung]  # slice by slice: no full-size temporaries
+    lead = np.concatenate(lead) if lead else np.zeros(0, dtype=np.int64)
     for _ in range(steps):
         if lead.size == 0:
             break
@@ -336,17 +357,15 @@ def settle_pleural_edge(labels: np.ndarray, hu: np.ndarray, *, wall_hu: float = 
             candidates, inverse = np.unique(neighbour[mine], return_inverse=True)
             if candidates.size == 0:
                 continue
-            lung_hu = (np.bincount(inverse, weights=hu_sub[source[mine]].astype(np.float64))
+            lung_hu = (np.bincount(inverse, weights=hu_at(source[mine]).astype(np.float64))
                        / np.bincount(inverse))
-            value = hu_sub[candidates]
+            value = hu_at(candidates)
             join = ((value < 0.5 * (lung_hu + wall_hu)) & (value < dense_max_hu)
                     & ~((value >= fat_hu[0]) & (value < fat_hu[1])))
             join &= ~np.isin(candidates, joined)  # beside both lungs: the right lung (first) keeps it
             sub[candidates[join]] = side
             joined = np.concatenate([joined, candidates[join]])
-        lead = joined[(hu_sub[joined] >= lead_hu[0]) & (hu_sub[joined] < lead_hu[1])]  # the next step's edge
-    out = labels.copy()
-    out[box] = sub.reshape(labels[box].shape)
+        lead = joined[(hu_at(joined) >= lead_hu[0]) & (hu_at(joined) < lead_hu[1])]  # the next step's edge
     return out
 
 
@@ -397,28 +416,32 @@ def fill_to_rib_cage(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, spaci
             yy = np.rint(cy + ray_y).astype(int)
             xx = np.rint(cx + ray_x).astype(int)
             inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
-            yy, xx = np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)
-            flat = yy * nx + xx  # one flat index for the look-ups along the rays
+            flat = np.clip(yy, 0, ny - 1) * nx + np.clip(xx, 0, nx - 1)  # one flat index for the look-ups
             on_lung = lung.ravel()[flat] & inside
             last_lung = np.where(on_lung.any(axis=1), n_r - 1 - np.argmax(on_lung[:, ::-1], axis=1), -1)
             beyond = index > last_lung[:, None]
             hit = cage[z].ravel()[flat] & inside & beyond
             first_bone = np.where(hit.any(axis=1), np.argmax(hit, axis=1), n_r).astype(float)
             limit = np.minimum(first_bone, median_filter(first_bone, size=median_size, mode="wrap"))
-            dense = soft[z].ravel()[flat] & inside
-            rays[z] = (yy, xx, last_lung, limit, towards_wall, beyond, dense)
+            not_soft = beyond & ~(soft[z].ravel()[flat] & inside)
+            first_not_soft = np.where(not_soft.any(axis=1), np.argmax(not_soft, axis=1), np.inf)  # beyond the lung
+            rays[z] = (cy, cx, last_lung, limit, towards_wall, first_not_soft)  # per ray only: little memory
         gaps = [(r[3] - r[2])[(r[2] >= 0) & (r[3] < n_r) & r[4]] for r in rays.values()]
         gaps = np.concatenate(gaps) if gaps else np.zeros(0)
         if gaps.size < 50:
             continue
         wall = np.percentile(gaps, wall_percentile) + wall_extra_mm / step_mm
         fill = np.zeros(labels.shape, dtype=bool)
-        for z, (yy, xx, last_lung, limit, towards_wall, beyond, dense) in rays.items():
+        for z, (cy, cx, last_lung, limit, towards_wall, first_not_soft) in rays.items():
+            end = limit - wall  # the stretch: the samples after the lung's last, before the chest-wall layer
             ok = towards_wall & (last_lung >= 0) & (limit < n_r) & ((limit - last_lung) * step_mm <= max_fill_mm)
-            stretch = beyond & (index < (limit - wall)[:, None])
-            ok &= ~(stretch & ~dense).any(axis=1)  # the whole stretch is soft tissue: no fat, air or bone
-            chosen = stretch & ok[:, None]
-            fill[z, yy[chosen], xx[chosen]] = True
+            ok &= ~(first_not_soft < end)  # the whole stretch is soft tissue: no fat, air or bone
+            if not ok.any():
+                continue
+            stretch = (index > last_lung[ok, None]) & (index < end[ok, None])  # all soft tissue, so in the image
+            yy = np.rint(cy + ray_y[ok]).astype(int)
+            xx = np.rint(cx + ray_x[ok]).astype(int)
+            fill[z, yy[stretch], xx[stretch]] = True
         # closed per axial slice (no links between slices), all slices in one call
         fill = ndi.binary_closing(fill, structure=_SLICEWISE, iterations=2) & (labels == 0) & (hu < bone_hu) & body
         out[fill & (out == 0)] = side
@@ -458,7 +481,7 @@ def drop_diaphragm_domes(labels: np.ndarray, soft_tissue: np.ndarray, body: np.n
 
 
 def _refine(labels_c: np.ndarray, dense_added_c: np.ndarray, hu: np.ndarray, factors: tuple[int, int, int],
-            air_threshold_hu: float, dense_max_hu: float) -> np.ndarray:
+            air_threshold_hu: float, dense_max_hu: float, slab_blocks: int = 4) -> np.ndarray:
     """Bring coarse labels to the full grid: aerated boundaries from the full-resolution HU.
 
     Air voxels within one coarse voxel of a lung join it; dense voxels stay lung where the coarse
@@ -481,8 +504,12 @@ def _refine(labels_c: np.ndarray, dense_added_c: np.ndarray, hu: np.ndarray, fac
         near_c[ndi.binary_dilation(labels_box == label) & ~lung_box] = label
     interior_c = ndi.binary_erosion(lung_box)
     dense_c = np.where(dense_added_c[box_c] | interior_c, labels_box, 0).astype(np.uint8)  # label of a dense voxel
-    hu_box = hu[box_full]
-    refined = out[box_full]  # a view: written in place
-    np.multiply(upsample_blocks(dense_c, factors, hu_box.shape), hu_box < dense_max_hu, out=refined)
-    np.copyto(refined, upsample_blocks(near_c, factors, hu_box.shape), where=hu_box < air_threshold_hu)
+    hu_box, refined = hu[box_full], out[box_full]  # views: the result is written in place
+    for z0 in range(0, labels_box.shape[0], slab_blocks):  # a few coarse slices at a time: small temporaries
+        zs = slice(z0 * factors[0], (z0 + slab_blocks) * factors[0])
+        blocks = slice(z0, z0 + slab_blocks)
+        hu_slab, refined_slab = hu_box[zs], refined[zs]
+        np.multiply(upsample_blocks(dense_c[blocks], factors, hu_slab.shape), hu_slab < dense_max_hu, out=refined_slab)
+        np.copyto(refined_slab, upsample_blocks(near_c[blocks], factors, hu_slab.shape),
+                  where=hu_slab < air_threshold_hu)
     return out
