@@ -346,11 +346,11 @@ def settle_pleural_edge(labels: np.ndarray, hu: np.ndarray, *, wall_hu: float = 
         y, x = (lead // nx) % ny, lead % nx
         neighbours, sources = [], []
         for offset, inside in ((1, x < nx - 1), (-1, x > 0), (nx, y < ny - 1), (-nx, y > 0)):
-            neighbours.append(lead[inside] + offset)
-            sources.append(lead[inside])
+            neighbour = lead[inside] + offset
+            free = sub[neighbour] == 0  # most dense lung voxels have lung all around
+            neighbours.append(neighbour[free])
+            sources.append(lead[inside][free])
         neighbour, source = np.concatenate(neighbours), np.concatenate(sources)
-        free = sub[neighbour] == 0
-        neighbour, source = neighbour[free], source[free]
         joined = np.zeros(0, dtype=np.int64)
         for side in (RIGHT, LEFT):
             mine = sub[source] == side
@@ -442,9 +442,16 @@ def fill_to_rib_cage(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, spaci
             yy = np.rint(cy + ray_y[ok]).astype(int)
             xx = np.rint(cx + ray_x[ok]).astype(int)
             fill[z, yy[stretch], xx[stretch]] = True
-        # closed per axial slice (no links between slices), all slices in one call
-        fill = ndi.binary_closing(fill, structure=_SLICEWISE, iterations=2) & (labels == 0) & (hu < bone_hu) & body
-        out[fill & (out == 0)] = side
+        # Closed per axial slice (no links between slices), all slices in one call, in the box of the fill grown
+        # in-plane by the closing's reach (2): outside it the closing is empty, inside it sees all it would.
+        box = _bounding_box(fill)
+        if box is None:
+            continue
+        box = (box[0],) + tuple(slice(max(0, b.start - 2), min(n, b.stop + 2)) for b, n in zip(box[1:], fill.shape[1:]))
+        fill = (ndi.binary_closing(fill[box], structure=_SLICEWISE, iterations=2) & (labels[box] == 0)
+                & (hu[box] < bone_hu) & body[box])
+        out_box = out[box]  # a view
+        out_box[fill & (out_box == 0)] = side
     return out
 
 
