@@ -83,8 +83,7 @@ def body_mask(hu: np.ndarray, threshold_hu: float = -500.0) -> np.ndarray:
     body = ~outside
     comps, n = ndi.label(body)
     if n > 1:
-        sizes = np.bincount(comps.ravel())
-        sizes[0] = 0
+        sizes = np.bincount(comps[body], minlength=n + 1)  # sizes[0] = 0: background never wins
         body = comps == int(np.argmax(sizes))
     return body
 
@@ -176,7 +175,7 @@ def _largest_components(mask: np.ndarray, min_share: float = 0.05) -> list[np.nd
     labels, n = ndi.label(mask)
     if n == 0:
         return []
-    sizes = np.bincount(labels.ravel())[1:]
+    sizes = np.bincount(labels[mask], minlength=n + 1)[1:]
     order = np.argsort(sizes)[::-1]
     keep = [order[0]] + [i for i in order[1:2] if sizes[i] >= min_share * sizes[order[0]]]
     return [labels == i + 1 for i in keep]
@@ -472,7 +471,7 @@ def drop_diaphragm_domes(labels: np.ndarray, soft_tissue: np.ndarray, body: np.n
     comps, n = ndi.label(added, structure=_SLICEWISE)  # per-slice regions
     below_outside = np.zeros_like(added)
     below_outside[1:] = (labels[:-1] == 0) & body[:-1]
-    area = np.bincount(comps.ravel(), minlength=n + 1)
+    area = np.bincount(comps[added], minlength=n + 1)  # area[0] unused
     rests = np.bincount(comps[added & below_outside], minlength=n + 1)
     wall = added & ndi.binary_dilation(labels == 0, structure=_SLICEWISE)
     rim = added & ndi.binary_dilation(~added, structure=_SLICEWISE)
