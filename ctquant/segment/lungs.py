@@ -48,6 +48,24 @@ _SLICEWISE = np.zeros((3, 3, 3), dtype=bool)
 _SLICEWISE[1] = ndi.generate_binary_structure(2, 1)
 
 
+def _bounding_box(volume: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """The box of a (z, y, x) volume's nonzero voxels, from max projections (ndi.find_objects is slow on full
+    volumes); None when all are zero."""
+    zs = np.flatnonzero(volume.reshape(volume.shape[0], -1).max(axis=1))
+    if zs.size == 0:
+        return None
+    plane = volume[zs[0]: zs[-1] + 1].max(axis=0)
+    ys, xs = np.flatnonzero(plane.max(axis=1)), np.flatnonzero(plane.max(axis=0))
+    return slice(zs[0], zs[-1] + 1), slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1)
+
+
+def _grown(box: tuple[slice, slice, slice], shape: tuple[int, ...], margin: int,
+           in_plane: bool = False) -> tuple[slice, slice, slice]:
+    """``box`` grown by ``margin`` voxels on each side (in-plane only with ``in_plane``), within ``shape``."""
+    return tuple(b if in_plane and axis == 0 else slice(max(0, b.start - margin), min(n, b.stop + margin))
+                 for axis, (b, n) in enumerate(zip(box, shape)))
+
+
 def _sealed_edges(low: np.ndarray) -> np.ndarray:
     """Low pixels on a slice's four edge lines that lie between dense pixels of the same line.
 
@@ -75,12 +93,12 @@ def body_mask(hu: np.ndarray, threshold_hu: float = -500.0) -> np.ndarray:
     low = hu < threshold_hu
     border = np.zeros(low.shape[1:], dtype=bool)
     border[0, :] = border[-1, :] = border[:, 0] = border[:, -1] = True
-    outside = np.zeros_like(low)
+    labels, _ = ndi.label(low, structure=_SLICEWISE)  # the regions of each axial slice
+    seeds = np.zeros_like(low)
     for z in range(low.shape[0]):
-        labels, _ = ndi.label(low[z])
-        seeds = np.unique(labels[border & low[z] & ~_sealed_edges(low[z])])
-        outside[z] = np.isin(labels, seeds[seeds > 0])
-    body = ~outside
+        seeds[z] = border & low[z] & ~_sealed_edges(low[z])
+    seeds = np.unique(labels[seeds])
+    body = ~np.isin(labels, seeds[seeds > 0])
     comps, n = ndi.label(body)
     if n > 1:
         sizes = np.bincount(comps[body], minlength=n + 1)  # sizes[0] = 0: background never wins
@@ -190,7 +208,7 @@ def split_lungs(lungs: np.ndarray, max_erosions: int = 12) -> tuple[np.ndarray, 
     box = _bounding_box(lungs)
     if box is None:
         return None
-    box = tuple(slice(max(0, b.start - 1), min(n, b.stop + 1)) for b, n in zip(box, lungs.shape))
+    box = _grown(box, lungs.shape, 1)
     region = lungs[box]
     eroded = region.copy()
     structure = ndi.generate_binary_structure(3, 1)
@@ -255,7 +273,10 @@ def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
     body = body_mask(hu_c)
     air = (hu_c < air_threshold_hu) & body
     airways = find_airways(air, body, coarse_spacing)
-    airways = ndi.binary_dilation(airways, _ball(np.full(3, 1.0)))
+    airway_box = _bounding_box(airways)
+    if airway_box is not None:  # grown by one voxel: in the airways' box grown by one
+        airway_box = _grown(airway_box, airways.shape, 1)
+        airways[airway_box] = ndi.binary_dilation(airways[airway_box], _ball(np.full(3, 1.0)))
     voxel_ml = float(np.prod(coarse_spacing)) / 1000.0
     parts = [p for p in _largest_components(air & ~airways) if p.sum() * voxel_ml >= min_lung_ml]
     if not parts:
@@ -282,17 +303,6 @@ def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
     labels = _refine(labels_c, dense_added, hu, factors, air_threshold_hu, dense_max_hu)
     return settle_pleural_edge(labels, hu, wall_hu=wall_hu, lead_hu=(air_threshold_hu, 20.0),
                                dense_max_hu=dense_max_hu, in_place=True)
-
-
-def _bounding_box(volume: np.ndarray) -> tuple[slice, slice, slice] | None:
-    """The box of a (z, y, x) volume's nonzero voxels, from max projections (ndi.find_objects is slow on full
-    volumes); None when all are zero."""
-    zs = np.flatnonzero(volume.reshape(volume.shape[0], -1).max(axis=1))
-    if zs.size == 0:
-        return None
-    plane = volume[zs[0]: zs[-1] + 1].max(axis=0)
-    ys, xs = np.flatnonzero(plane.max(axis=1)), np.flatnonzero(plane.max(axis=0))
-    return slice(zs[0], zs[-1] + 1), slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1)
 
 
 def _block_mean_near(hu: np.ndarray, near: np.ndarray, factors: tuple[int, int, int],
@@ -446,7 +456,7 @@ def fill_to_rib_cage(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, spaci
         box = _bounding_box(fill)
         if box is None:
             continue
-        box = (box[0],) + tuple(slice(max(0, b.start - 2), min(n, b.stop + 2)) for b, n in zip(box[1:], fill.shape[1:]))
+        box = _grown(box, fill.shape, 2, in_plane=True)
         fill = (ndi.binary_closing(fill[box], structure=_SLICEWISE, iterations=2) & (labels[box] == 0)
                 & (hu[box] < bone_hu) & body[box])
         out_box = out[box]  # a view
@@ -466,14 +476,19 @@ def drop_diaphragm_domes(labels: np.ndarray, soft_tissue: np.ndarray, body: np.n
     voxels of the dome's density (above about -200 HU).
     """
     added = (labels > 0) & soft_tissue
-    if not added.any():
+    box = _bounding_box(added)
+    if box is None:
         return labels
+    # Everything below is counted over voxels of ``added``; their in-plane neighbours and the slice below lie in
+    # its box grown by one voxel.
+    box = _grown(box, labels.shape, 1)
+    labels_box, added, body = labels[box], added[box], body[box]
     comps, n = ndi.label(added, structure=_SLICEWISE)  # per-slice regions
     below_outside = np.zeros_like(added)
-    below_outside[1:] = (labels[:-1] == 0) & body[:-1]
+    below_outside[1:] = (labels_box[:-1] == 0) & body[:-1]
     area = np.bincount(comps[added], minlength=n + 1)  # area[0] unused
     rests = np.bincount(comps[added & below_outside], minlength=n + 1)
-    wall = added & ndi.binary_dilation(labels == 0, structure=_SLICEWISE)
+    wall = added & ndi.binary_dilation(labels_box == 0, structure=_SLICEWISE)
     rim = added & ndi.binary_dilation(~added, structure=_SLICEWISE)
     wall_n = np.bincount(comps[wall], minlength=n + 1)
     rim_n = np.bincount(comps[rim], minlength=n + 1)
@@ -482,7 +497,8 @@ def drop_diaphragm_domes(labels: np.ndarray, soft_tissue: np.ndarray, body: np.n
     if not dome.any():
         return labels
     out = labels.copy()
-    out[dome[comps]] = 0
+    out_box = out[box]  # a view
+    out_box[dome[comps]] = 0
     return out
 
 
@@ -501,7 +517,7 @@ def _refine(labels_c: np.ndarray, dense_added_c: np.ndarray, hu: np.ndarray, fac
     if factors == (1, 1, 1):
         return labels_c.astype(np.uint8)
     box = _bounding_box(labels_c)
-    box_c = tuple(slice(max(0, b.start - 1), min(n, b.stop + 1)) for b, n in zip(box, labels_c.shape))
+    box_c = _grown(box, labels_c.shape, 1)
     box_full = tuple(slice(b.start * f, min(n, b.stop * f)) for b, f, n in zip(box_c, factors, hu.shape))
     labels_box = labels_c[box_c]
     lung_box = labels_box > 0
