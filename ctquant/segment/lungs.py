@@ -131,10 +131,12 @@ def _trachea_seed(air: np.ndarray, body: np.ndarray, spacing_mm: tuple[float, fl
         if n == 0 or xs.size == 0:
             continue
         midline = 0.5 * (xs[0] + xs[-1])
-        area = np.bincount(labels.ravel())[1:] * pixel_cm2
-        centres = ndi.center_of_mass(np.ones_like(labels), labels, range(1, n + 1))
+        counts = np.bincount(labels.ravel())[1:]
+        area = counts * pixel_cm2
+        x_sums = np.bincount(labels.ravel(), weights=np.tile(np.arange(labels.shape[1], dtype=float), labels.shape[0]))
+        centre_x = x_sums[1:] / counts  # exact sums of whole numbers: ndi.center_of_mass's x, to the bit
         ok = [i + 1 for i in range(n) if area_cm2[0] <= area[i] <= area_cm2[1]
-              and abs(centres[i][1] - midline) * spacing_mm[2] < max_offset_mm]
+              and abs(centre_x[i] - midline) * spacing_mm[2] < max_offset_mm]
         candidates[int(z)] = (labels, ok)
     best = None
     for z0 in sorted(candidates, reverse=True):
