@@ -94,10 +94,10 @@ def body_mask(hu: np.ndarray, threshold_hu: float = -500.0) -> np.ndarray:
     border = np.zeros(low.shape[1:], dtype=bool)
     border[0, :] = border[-1, :] = border[:, 0] = border[:, -1] = True
     labels, _ = ndi.label(low, structure=_SLICEWISE)  # the regions of each axial slice
-    seeds = np.zeros_like(low)
+    on_border = np.zeros_like(low)
     for z in range(low.shape[0]):
-        seeds[z] = border & low[z] & ~_sealed_edges(low[z])
-    seeds = np.unique(labels[seeds])
+        on_border[z] = border & low[z] & ~_sealed_edges(low[z])
+    seeds = np.unique(labels[on_border])
     body = ~np.isin(labels, seeds[seeds > 0])
     comps, n = ndi.label(body)
     if n > 1:
@@ -276,7 +276,7 @@ def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
     air = (hu_c < air_threshold_hu) & body
     airways = find_airways(air, body, coarse_spacing)
     airway_box = _bounding_box(airways)
-    if airway_box is not None:  # grown by one voxel: in the airways' box grown by one
+    if airway_box is not None:  # the airways grown by one voxel, within their box grown by one
         airway_box = _grown(airway_box, airways.shape, 1)
         airways[airway_box] = ndi.binary_dilation(airways[airway_box], _ball(np.full(3, 1.0)))
     voxel_ml = float(np.prod(coarse_spacing)) / 1000.0
