@@ -181,6 +181,43 @@ def test_pleural_edge_keeps_dense_lung_against_the_wall():
     assert not (out[:, :, 55:] > 0).any() and not (out[:, 35:] > 0).any()  # the wall is not lung
     assert (out[:, 5:35, 32:34] == LEFT).all()                       # consolidation on the medial side too
     assert not (out[:, :, 30:32] > 0).any()                          # fat never joins
+    in_place = labels.copy()
+    assert settle_pleural_edge(in_place, hu, wall_hu=40.0, in_place=True) is in_place
+    assert np.array_equal(in_place, out)                             # in place: the same labels, no copy
+    with pytest.raises(ValueError, match="C-contiguous"):
+        settle_pleural_edge(np.asfortranarray(labels), hu, in_place=True)
+
+
+@pytest.mark.parametrize("shape, factors", [((11, 13, 17), (2, 3, 4)), ((12, 12, 16), (2, 4, 4)),
+                                            ((37, 9, 10), (3, 1, 2)), ((5, 6, 7), (1, 1, 1))])
+def test_block_mean_edge_is_the_padded_block_mean_to_the_bit(shape, factors):
+    """The lung step's block means (no padded copy, int32 sums, in slabs) equal numpy's float32 mean of the
+    edge-padded volume bit for bit, partial trailing blocks included; float input is refused."""
+    from ctquant.segment.grid import block_mean, block_mean_edge
+
+    hu = np.random.default_rng(3).integers(-32768, 32767, shape, dtype=np.int16)
+    pad = [(0, -(-n // f) * f - n) for n, f in zip(shape, factors)]
+    expected = block_mean(np.pad(hu, pad, mode="edge"), factors)
+    for slab_blocks in (1, 2, 8):
+        got = block_mean_edge(hu, factors, slab_blocks=slab_blocks)
+        assert got.dtype == np.float32 and got.shape == expected.shape
+        assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+    with pytest.raises(TypeError):
+        block_mean_edge(hu.astype(np.float32), factors)
+
+
+@pytest.mark.parametrize("pad_mode", ["edge", "constant"])
+def test_upsample_blocks_repeats_each_block(pad_mode):
+    from ctquant.segment.grid import upsample_blocks
+
+    coarse = np.random.default_rng(4).integers(1, 9, (4, 5, 6)).astype(np.uint8)
+    factors = (2, 3, 4)
+    whole = coarse.repeat(2, axis=0).repeat(3, axis=1).repeat(4, axis=2)
+    assert np.array_equal(upsample_blocks(coarse, factors, (7, 14, 22), pad_mode), whole[:7, :14, :22])
+    out = upsample_blocks(coarse, factors, (9, 15, 25), pad_mode)  # one voxel beyond the last block on each axis
+    assert np.array_equal(out[:8, :15, :24], whole)
+    assert np.array_equal(out[8, :15, :24], whole[-1] if pad_mode == "edge" else np.zeros_like(whole[-1]))
+    assert np.array_equal(out[:8, :15, 24], whole[:, :, -1] if pad_mode == "edge" else np.zeros_like(whole[:, :, -1]))
 
 
 def _gradient_lungs(seed: int = 0) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:

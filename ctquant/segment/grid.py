@@ -25,6 +25,45 @@ def block_mean(volume: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
     return blocks.mean(axis=(1, 3, 5), dtype=np.float32)
 
 
+def block_mean_edge(volume: np.ndarray, factors: tuple[int, int, int], slab_blocks: int = 8) -> np.ndarray:
+    """Block means of an integer or boolean volume (float32), a trailing partial block padded with its edge voxel.
+
+    The same values, to the bit, as ``block_mean(np.pad(volume, pad, mode="edge"), factors)`` with the pad that
+    completes the last block, without the padded copy, while block sums stay below 2**24 in magnitude (blocks of
+    up to 512 voxels of 16-bit values; there numpy's float32 sum is exact too): sums are taken in int32, axis by
+    axis with strided adds, and divided as numpy's mean divides. Works in slabs of ``slab_blocks`` blocks along
+    axis 0, so that the temporaries stay small.
+    """
+    if not (np.issubdtype(volume.dtype, np.integer) or volume.dtype == bool) or volume.dtype.itemsize > 2:
+        raise TypeError(f"block_mean_edge needs an integer volume of at most 16 bits, not {volume.dtype}")
+    shape = tuple(-(-n // f) for n, f in zip(volume.shape, factors))
+    out = np.empty(shape, dtype=np.float32)
+    slab = slab_blocks * factors[0]
+    for b0 in range(0, shape[0], slab_blocks):
+        total = volume[b0 * factors[0]: b0 * factors[0] + slab]
+        for axis, f in enumerate(factors):
+            total = _block_sum_axis(total, f, axis)
+        out[b0: b0 + slab_blocks] = total
+    return np.true_divide(out, np.intp(np.prod(factors)), out=out, casting="unsafe")
+
+
+def _block_sum_axis(volume: np.ndarray, factor: int, axis: int) -> np.ndarray:
+    """int32 sums of ``factor`` neighbours along ``axis``; a trailing partial block repeats its edge voxel."""
+    n = volume.shape[axis]
+    n_blocks = -(-n // factor)
+    summed = None
+    for k in range(factor):
+        part = volume[(slice(None),) * axis + (slice(k, None, factor),)]
+        if part.shape[axis] < n_blocks:
+            edge = volume[(slice(None),) * axis + (slice(n - 1, n),)]
+            part = np.concatenate([part, edge], axis=axis)
+        if summed is None:
+            summed = part.astype(np.int32)
+        else:
+            summed += part
+    return summed
+
+
 def block_majority(mask: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
     """Downsample a boolean volume by whole blocks of ``factors``: a block is set when most of it is."""
     return block_mean(mask, factors) >= 0.5
@@ -36,10 +75,11 @@ def upsample_blocks(coarse: np.ndarray, factors: tuple[int, int, int], shape: tu
 
     Voxels beyond the last whole block are padded with ``pad_mode`` (``edge`` or ``constant``: zero).
     """
-    full = coarse
-    for axis, f in enumerate(factors):
-        if f > 1:
-            full = np.repeat(full, f, axis=axis)
+    fz, fy, fx = factors
+    nz, ny, nx = coarse.shape
+    full = np.repeat(coarse, fx, axis=2) if fx > 1 else coarse  # x first, on the small array
+    if fz > 1 or fy > 1:  # z and y by broadcasting whole rows: one copy instead of a full-size repeat per axis
+        full = np.broadcast_to(full[:, None, :, None, :], (nz, fz, ny, fy, nx * fx)).reshape(nz * fz, ny * fy, -1)
     full = full[: shape[0], : shape[1], : shape[2]]
     pad = [(0, n - m) for n, m in zip(shape, full.shape)]
     return np.pad(full, pad, mode=pad_mode) if any(p[1] for p in pad) else full

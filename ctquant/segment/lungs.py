@@ -37,7 +37,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
-from .grid import block_mean, coarse_factors, upsample_blocks
+from .grid import block_mean_edge, coarse_factors, upsample_blocks
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,24 @@ RIGHT, LEFT = 1, 2
 #: In-plane 2D connectivity expressed as a 3D structure (no links between slices).
 _SLICEWISE = np.zeros((3, 3, 3), dtype=bool)
 _SLICEWISE[1] = ndi.generate_binary_structure(2, 1)
+
+
+def _bounding_box(volume: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """The box of a (z, y, x) volume's nonzero voxels, from max projections (ndi.find_objects is slow on full
+    volumes); None when all are zero."""
+    zs = np.flatnonzero(volume.reshape(volume.shape[0], -1).max(axis=1))
+    if zs.size == 0:
+        return None
+    plane = volume[zs[0]: zs[-1] + 1].max(axis=0)
+    ys, xs = np.flatnonzero(plane.max(axis=1)), np.flatnonzero(plane.max(axis=0))
+    return slice(zs[0], zs[-1] + 1), slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1)
+
+
+def _grown(box: tuple[slice, slice, slice], shape: tuple[int, ...], margin: int,
+           in_plane: bool = False) -> tuple[slice, slice, slice]:
+    """``box`` grown by ``margin`` voxels on each side (in-plane only with ``in_plane``), within ``shape``."""
+    return tuple(b if in_plane and axis == 0 else slice(max(0, b.start - margin), min(n, b.stop + margin))
+                 for axis, (b, n) in enumerate(zip(box, shape)))
 
 
 def _sealed_edges(low: np.ndarray) -> np.ndarray:
@@ -75,16 +93,15 @@ def body_mask(hu: np.ndarray, threshold_hu: float = -500.0) -> np.ndarray:
     low = hu < threshold_hu
     border = np.zeros(low.shape[1:], dtype=bool)
     border[0, :] = border[-1, :] = border[:, 0] = border[:, -1] = True
-    outside = np.zeros_like(low)
+    labels, _ = ndi.label(low, structure=_SLICEWISE)  # the regions of each axial slice
+    on_border = np.zeros_like(low)
     for z in range(low.shape[0]):
-        labels, _ = ndi.label(low[z])
-        seeds = np.unique(labels[border & low[z] & ~_sealed_edges(low[z])])
-        outside[z] = np.isin(labels, seeds[seeds > 0])
-    body = ~outside
+        on_border[z] = border & low[z] & ~_sealed_edges(low[z])
+    seeds = np.unique(labels[on_border])
+    body = ~np.isin(labels, seeds[seeds > 0])
     comps, n = ndi.label(body)
     if n > 1:
-        sizes = np.bincount(comps.ravel())
-        sizes[0] = 0
+        sizes = np.bincount(comps[body], minlength=n + 1)  # sizes[0] = 0: background never wins
         body = comps == int(np.argmax(sizes))
     return body
 
@@ -114,10 +131,12 @@ def _trachea_seed(air: np.ndarray, body: np.ndarray, spacing_mm: tuple[float, fl
         if n == 0 or xs.size == 0:
             continue
         midline = 0.5 * (xs[0] + xs[-1])
-        area = np.bincount(labels.ravel())[1:] * pixel_cm2
-        centres = ndi.center_of_mass(np.ones_like(labels), labels, range(1, n + 1))
+        counts = np.bincount(labels.ravel())[1:]
+        area = counts * pixel_cm2
+        x_sums = np.bincount(labels.ravel(), weights=np.tile(np.arange(labels.shape[1], dtype=float), labels.shape[0]))
+        centre_x = x_sums[1:] / counts  # exact sums of whole numbers: ndi.center_of_mass's x, to the bit
         ok = [i + 1 for i in range(n) if area_cm2[0] <= area[i] <= area_cm2[1]
-              and abs(centres[i][1] - midline) * spacing_mm[2] < max_offset_mm]
+              and abs(centre_x[i] - midline) * spacing_mm[2] < max_offset_mm]
         candidates[int(z)] = (labels, ok)
     best = None
     for z0 in sorted(candidates, reverse=True):
@@ -176,26 +195,37 @@ def _largest_components(mask: np.ndarray, min_share: float = 0.05) -> list[np.nd
     labels, n = ndi.label(mask)
     if n == 0:
         return []
-    sizes = np.bincount(labels.ravel())[1:]
+    sizes = np.bincount(labels[mask], minlength=n + 1)[1:]
     order = np.argsort(sizes)[::-1]
     keep = [order[0]] + [i for i in order[1:2] if sizes[i] >= min_share * sizes[order[0]]]
     return [labels == i + 1 for i in keep]
 
 
 def split_lungs(lungs: np.ndarray, max_erosions: int = 12) -> tuple[np.ndarray, np.ndarray] | None:
-    """Split one connected air region into two lungs by erosion then watershed, or None if it won't."""
-    eroded = lungs.copy()
+    """Split one connected air region into two lungs by erosion then watershed, or None if it won't.
+
+    Works in the region's bounding box grown by one voxel of background: erosion, labelling (in the same
+    raster order), distance to the background and watershed see the same region there.
+    """
+    box = _bounding_box(lungs)
+    if box is None:
+        return None
+    box = _grown(box, lungs.shape, 1)
+    region = lungs[box]
+    eroded = region.copy()
     structure = ndi.generate_binary_structure(3, 1)
     for _ in range(max_erosions):
         eroded = ndi.binary_erosion(eroded, structure)
         parts = _largest_components(eroded, min_share=0.1)
         if len(parts) == 2:
-            markers = np.zeros(lungs.shape, dtype=np.int32)
+            markers = np.zeros(region.shape, dtype=np.int32)
             markers[parts[0]] = 1
             markers[parts[1]] = 2
-            distance = ndi.distance_transform_cdt(lungs, metric="taxicab")
-            regions = watershed(-distance, markers, mask=lungs)
-            return regions == 1, regions == 2
+            distance = ndi.distance_transform_cdt(region, metric="taxicab")
+            regions = watershed(-distance, markers, mask=region)
+            split = np.zeros((2,) + lungs.shape, dtype=bool)
+            split[(slice(None),) + box] = regions == 1, regions == 2
+            return split[0], split[1]
         if not eroded.any():
             break
     return None
@@ -209,8 +239,15 @@ def _right_left(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _fill_slices(mask: np.ndarray) -> np.ndarray:
-    """Fill holes in each axial slice (vessels and lesions enclosed by aerated lung)."""
-    return ndi.binary_fill_holes(mask, structure=_SLICEWISE)
+    """Fill holes in each axial slice (vessels and lesions enclosed by aerated lung).
+
+    Works in the mask's bounding box: outside it every slice is background that reaches the image border.
+    """
+    out = np.zeros(mask.shape, dtype=bool)
+    box = _bounding_box(mask)
+    if box is not None:
+        out[box] = ndi.binary_fill_holes(mask[box], structure=_SLICEWISE)
+    return out
 
 
 def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
@@ -238,7 +275,10 @@ def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
     body = body_mask(hu_c)
     air = (hu_c < air_threshold_hu) & body
     airways = find_airways(air, body, coarse_spacing)
-    airways = ndi.binary_dilation(airways, _ball(np.full(3, 1.0)))
+    airway_box = _bounding_box(airways)
+    if airway_box is not None:  # the airways grown by one voxel, within their box grown by one
+        airway_box = _grown(airway_box, airways.shape, 1)
+        airways[airway_box] = ndi.binary_dilation(airways[airway_box], _ball(np.full(3, 1.0)))
     voxel_ml = float(np.prod(coarse_spacing)) / 1000.0
     parts = [p for p in _largest_components(air & ~airways) if p.sum() * voxel_ml >= min_lung_ml]
     if not parts:
@@ -264,7 +304,7 @@ def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
     dense_added = (labels_c > 0) & ~air
     labels = _refine(labels_c, dense_added, hu, factors, air_threshold_hu, dense_max_hu)
     return settle_pleural_edge(labels, hu, wall_hu=wall_hu, lead_hu=(air_threshold_hu, 20.0),
-                               dense_max_hu=dense_max_hu)
+                               dense_max_hu=dense_max_hu, in_place=True)
 
 
 def _block_mean_near(hu: np.ndarray, near: np.ndarray, factors: tuple[int, int, int],
@@ -281,14 +321,13 @@ def _block_mean_near(hu: np.ndarray, near: np.ndarray, factors: tuple[int, int, 
     x0, x1 = max(0, xs[0] - m), min(near.shape[2], xs[-1] + m + 1)
     fz, fy, fx = factors
     sub = hu[: near.shape[0] * fz, y0 * fy: y1 * fy, x0 * fx: x1 * fx]
-    pad = [(0, n * f - k) for n, f, k in zip((near.shape[0], y1 - y0, x1 - x0), factors, sub.shape)]
-    out[:, y0:y1, x0:x1] = block_mean(np.pad(sub, pad, mode="edge"), factors)
+    out[:, y0:y1, x0:x1] = block_mean_edge(sub, factors)  # a trailing partial block padded with its edge voxels
     return out
 
 
 def settle_pleural_edge(labels: np.ndarray, hu: np.ndarray, *, wall_hu: float = 40.0,
                         lead_hu: tuple[float, float] = (-400.0, 20.0), fat_hu: tuple[float, float] = (-150.0, -60.0),
-                        dense_max_hu: float = 200.0, steps: int = 2) -> np.ndarray:
+                        dense_max_hu: float = 200.0, steps: int = 2, in_place: bool = False) -> np.ndarray:
     """Move each lung's edge out, one in-plane voxel per step, where half-density says the lung goes on.
 
     A fixed air threshold puts the pleural edge half-way between aerated lung and the chest wall; where
@@ -296,46 +335,48 @@ def settle_pleural_edge(labels: np.ndarray, hu: np.ndarray, *, wall_hu: float = 
     just outside a lung joins it when its density is below the midpoint between its dense in-plane lung
     neighbours (``lead_hu``: denser than the air threshold, lighter than blood) and the chest wall
     (``wall_hu``). Fat (``fat_hu``, mediastinal and extrapleural) and bone never join. Works on the
-    lung's dense voxels only, so it costs little on large scans.
+    lung's dense voxels only, so it costs little on large scans. Returns a copy of ``labels``, or with
+    ``in_place`` ``labels`` itself (C-contiguous) changed.
     """
-    boxes = [b for b in ndi.find_objects(labels, max_label=LEFT) if b is not None]
-    if not boxes:
-        return labels
-    box = tuple(slice(min(b[axis].start for b in boxes), max(b[axis].stop for b in boxes)) for axis in range(3))
-    box = tuple(slice(b.start, b.stop) if axis == 0 else slice(max(0, b.start - steps), min(n, b.stop + steps))
-                for axis, (b, n) in enumerate(zip(box, labels.shape)))
-    sub = np.array(labels[box]).reshape(-1)  # a copy: the caller's labels stay as they are
-    hu_sub = np.ascontiguousarray(hu[box]).reshape(-1)
-    ny, nx = labels[box].shape[1:]
-    lead = np.flatnonzero((sub > 0) & (hu_sub >= lead_hu[0]) & (hu_sub < lead_hu[1]))
+    if in_place and not labels.flags.c_contiguous:
+        raise ValueError("settle_pleural_edge: in_place needs C-contiguous labels")
+    out = labels if in_place else np.array(labels, order="C")
+    nz, ny, nx = out.shape
+    sub = out.reshape(-1)  # a view: flat indices of the whole volume
+
+    def hu_at(flat: np.ndarray) -> np.ndarray:
+        return hu[np.unravel_index(flat, hu.shape)]
+
+    with_lung = np.flatnonzero(sub.reshape(nz, -1).max(axis=1))
+    lead = [np.flatnonzero((out[z] > 0) & (hu[z] >= lead_hu[0]) & (hu[z] < lead_hu[1])) + z * ny * nx
+            for z in with_lung]  # slice by slice: no full-size temporaries
+    lead = np.concatenate(lead) if lead else np.zeros(0, dtype=np.int64)
     for _ in range(steps):
         if lead.size == 0:
             break
         y, x = (lead // nx) % ny, lead % nx
         neighbours, sources = [], []
         for offset, inside in ((1, x < nx - 1), (-1, x > 0), (nx, y < ny - 1), (-nx, y > 0)):
-            neighbours.append(lead[inside] + offset)
-            sources.append(lead[inside])
+            neighbour = lead[inside] + offset
+            free = sub[neighbour] == 0  # most dense lung voxels have lung all around
+            neighbours.append(neighbour[free])
+            sources.append(lead[inside][free])
         neighbour, source = np.concatenate(neighbours), np.concatenate(sources)
-        free = sub[neighbour] == 0
-        neighbour, source = neighbour[free], source[free]
         joined = np.zeros(0, dtype=np.int64)
         for side in (RIGHT, LEFT):
             mine = sub[source] == side
             candidates, inverse = np.unique(neighbour[mine], return_inverse=True)
             if candidates.size == 0:
                 continue
-            lung_hu = (np.bincount(inverse, weights=hu_sub[source[mine]].astype(np.float64))
+            lung_hu = (np.bincount(inverse, weights=hu_at(source[mine]).astype(np.float64))
                        / np.bincount(inverse))
-            value = hu_sub[candidates]
+            value = hu_at(candidates)
             join = ((value < 0.5 * (lung_hu + wall_hu)) & (value < dense_max_hu)
                     & ~((value >= fat_hu[0]) & (value < fat_hu[1])))
             join &= ~np.isin(candidates, joined)  # beside both lungs: the right lung (first) keeps it
             sub[candidates[join]] = side
             joined = np.concatenate([joined, candidates[join]])
-        lead = joined[(hu_sub[joined] >= lead_hu[0]) & (hu_sub[joined] < lead_hu[1])]  # the next step's edge
-    out = labels.copy()
-    out[box] = sub.reshape(labels[box].shape)
+        lead = joined[(hu_at(joined) >= lead_hu[0]) & (hu_at(joined) < lead_hu[1])]  # the next step's edge
     return out
 
 
@@ -362,6 +403,7 @@ def fill_to_rib_cage(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, spaci
     bone = ((hu if bone_hu_volume is None else bone_hu_volume) >= bone_hu) & body
     size = max(1, int(round(cage_z_mm / sz))) | 1
     cage = ndi.maximum_filter1d(bone.view(np.uint8), size=size, axis=0).astype(bool)
+    soft = (hu >= dense_min_hu) & (hu < bone_hu) & body  # soft tissue: what a filled stretch is made of
     out = labels.copy()
     step_mm = 0.5 * min(sy, sx)
     theta = np.linspace(0, 2 * np.pi, n_angles, endpoint=False)
@@ -370,6 +412,7 @@ def fill_to_rib_cage(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, spaci
     radii = np.arange(0, 0.6 * max(ny * sy, nx * sx), step_mm)
     n_r = len(radii)
     index = np.arange(n_r)[None, :]
+    ray_y, ray_x = radii[None, :] * dy[:, None] / sy, radii[None, :] * dx[:, None] / sx  # ray points from the centre
     x_mid = np.nonzero(body.any(axis=(0, 1)))[0].mean()
     median_size = int(median_deg * n_angles / 360) | 1
     for side in (RIGHT, LEFT):
@@ -381,34 +424,45 @@ def fill_to_rib_cage(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, spaci
             cy, cx = ndi.center_of_mass(lung)
             medial = np.sign(x_mid - cx)  # +1: medial is +x
             towards_wall = ((dx * medial) <= max_medial) & (dy >= 0.0)
-            yy = np.rint(cy + radii[None, :] * dy[:, None] / sy).astype(int)
-            xx = np.rint(cx + radii[None, :] * dx[:, None] / sx).astype(int)
+            yy = np.rint(cy + ray_y).astype(int)
+            xx = np.rint(cx + ray_x).astype(int)
             inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
-            yy, xx = np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)
-            on_lung = lung[yy, xx] & inside
+            flat = np.clip(yy, 0, ny - 1) * nx + np.clip(xx, 0, nx - 1)  # one flat index for the look-ups
+            on_lung = lung.ravel()[flat] & inside
             last_lung = np.where(on_lung.any(axis=1), n_r - 1 - np.argmax(on_lung[:, ::-1], axis=1), -1)
             beyond = index > last_lung[:, None]
-            hit = cage[z][yy, xx] & inside & beyond
+            hit = cage[z].ravel()[flat] & inside & beyond
             first_bone = np.where(hit.any(axis=1), np.argmax(hit, axis=1), n_r).astype(float)
             limit = np.minimum(first_bone, median_filter(first_bone, size=median_size, mode="wrap"))
-            values = hu[z][yy, xx]
-            dense = (values >= dense_min_hu) & (values < bone_hu) & body[z][yy, xx] & inside
-            rays[z] = (yy, xx, last_lung, limit, towards_wall, beyond, dense)
+            not_soft = beyond & ~(soft[z].ravel()[flat] & inside)
+            first_not_soft = np.where(not_soft.any(axis=1), np.argmax(not_soft, axis=1), np.inf)  # beyond the lung
+            rays[z] = (cy, cx, last_lung, limit, towards_wall, first_not_soft)  # per ray only: little memory
         gaps = [(r[3] - r[2])[(r[2] >= 0) & (r[3] < n_r) & r[4]] for r in rays.values()]
         gaps = np.concatenate(gaps) if gaps else np.zeros(0)
         if gaps.size < 50:
             continue
         wall = np.percentile(gaps, wall_percentile) + wall_extra_mm / step_mm
-        for z, (yy, xx, last_lung, limit, towards_wall, beyond, dense) in rays.items():
+        fill = np.zeros(labels.shape, dtype=bool)
+        for z, (cy, cx, last_lung, limit, towards_wall, first_not_soft) in rays.items():
+            end = limit - wall  # the stretch: the samples after the lung's last, before the chest-wall layer
             ok = towards_wall & (last_lung >= 0) & (limit < n_r) & ((limit - last_lung) * step_mm <= max_fill_mm)
-            stretch = beyond & (index < (limit - wall)[:, None])
-            ok &= ~(stretch & ~dense).any(axis=1)  # the whole stretch is soft tissue: no fat, air or bone
-            chosen = stretch & ok[:, None]
-            if chosen.any():
-                fill = np.zeros((ny, nx), dtype=bool)
-                fill[yy[chosen], xx[chosen]] = True
-                fill = ndi.binary_closing(fill, iterations=2) & (labels[z] == 0) & (hu[z] < bone_hu) & body[z]
-                out[z][fill & (out[z] == 0)] = side
+            ok &= ~(first_not_soft < end)  # the whole stretch is soft tissue: no fat, air or bone
+            if not ok.any():
+                continue
+            stretch = (index > last_lung[ok, None]) & (index < end[ok, None])  # all soft tissue, so in the image
+            yy = np.rint(cy + ray_y[ok]).astype(int)
+            xx = np.rint(cx + ray_x[ok]).astype(int)
+            fill[z, yy[stretch], xx[stretch]] = True
+        # Closed per axial slice (no links between slices), all slices in one call, in the box of the fill grown
+        # in-plane by the closing's reach (2): outside it the closing is empty, inside it sees all it would.
+        box = _bounding_box(fill)
+        if box is None:
+            continue
+        box = _grown(box, fill.shape, 2, in_plane=True)
+        fill = (ndi.binary_closing(fill[box], structure=_SLICEWISE, iterations=2) & (labels[box] == 0)
+                & (hu[box] < bone_hu) & body[box])
+        out_box = out[box]  # a view
+        out_box[fill & (out_box == 0)] = side
     return out
 
 
@@ -424,14 +478,19 @@ def drop_diaphragm_domes(labels: np.ndarray, soft_tissue: np.ndarray, body: np.n
     voxels of the dome's density (above about -200 HU).
     """
     added = (labels > 0) & soft_tissue
-    if not added.any():
+    box = _bounding_box(added)
+    if box is None:
         return labels
+    # Everything below is counted over voxels of ``added``; their in-plane neighbours and the slice below lie in
+    # its box grown by one voxel.
+    box = _grown(box, labels.shape, 1)
+    labels_box, added, body = labels[box], added[box], body[box]
     comps, n = ndi.label(added, structure=_SLICEWISE)  # per-slice regions
     below_outside = np.zeros_like(added)
-    below_outside[1:] = (labels[:-1] == 0) & body[:-1]
-    area = np.bincount(comps.ravel(), minlength=n + 1)
+    below_outside[1:] = (labels_box[:-1] == 0) & body[:-1]
+    area = np.bincount(comps[added], minlength=n + 1)  # area[0] unused
     rests = np.bincount(comps[added & below_outside], minlength=n + 1)
-    wall = added & ndi.binary_dilation(labels == 0, structure=_SLICEWISE)
+    wall = added & ndi.binary_dilation(labels_box == 0, structure=_SLICEWISE)
     rim = added & ndi.binary_dilation(~added, structure=_SLICEWISE)
     wall_n = np.bincount(comps[wall], minlength=n + 1)
     rim_n = np.bincount(comps[rim], minlength=n + 1)
@@ -440,12 +499,13 @@ def drop_diaphragm_domes(labels: np.ndarray, soft_tissue: np.ndarray, body: np.n
     if not dome.any():
         return labels
     out = labels.copy()
-    out[dome[comps]] = 0
+    out_box = out[box]  # a view
+    out_box[dome[comps]] = 0
     return out
 
 
 def _refine(labels_c: np.ndarray, dense_added_c: np.ndarray, hu: np.ndarray, factors: tuple[int, int, int],
-            air_threshold_hu: float, dense_max_hu: float) -> np.ndarray:
+            air_threshold_hu: float, dense_max_hu: float, slab_blocks: int = 4) -> np.ndarray:
     """Bring coarse labels to the full grid: aerated boundaries from the full-resolution HU.
 
     Air voxels within one coarse voxel of a lung join it; dense voxels stay lung where the coarse
@@ -458,8 +518,8 @@ def _refine(labels_c: np.ndarray, dense_added_c: np.ndarray, hu: np.ndarray, fac
         return out
     if factors == (1, 1, 1):
         return labels_c.astype(np.uint8)
-    box = ndi.find_objects((labels_c > 0).astype(np.uint8))[0]
-    box_c = tuple(slice(max(0, b.start - 1), min(n, b.stop + 1)) for b, n in zip(box, labels_c.shape))
+    box = _bounding_box(labels_c)
+    box_c = _grown(box, labels_c.shape, 1)
     box_full = tuple(slice(b.start * f, min(n, b.stop * f)) for b, f, n in zip(box_c, factors, hu.shape))
     labels_box = labels_c[box_c]
     lung_box = labels_box > 0
@@ -467,14 +527,13 @@ def _refine(labels_c: np.ndarray, dense_added_c: np.ndarray, hu: np.ndarray, fac
     for label in (LEFT, RIGHT):
         near_c[ndi.binary_dilation(labels_box == label) & ~lung_box] = label
     interior_c = ndi.binary_erosion(lung_box)
-    hu_box = hu[box_full]
-    shape = hu_box.shape
-    labels = upsample_blocks(labels_box, factors, shape)
-    near = upsample_blocks(near_c, factors, shape)
-    keep_dense = upsample_blocks(dense_added_c[box_c] | interior_c, factors, shape)
-    air = hu_box < air_threshold_hu
-    dense = ~air & (hu_box < dense_max_hu)
-    lung = labels > 0
-    refined = np.where(air, near, labels * (lung & dense & keep_dense)).astype(np.uint8)
-    out[box_full] = refined
+    dense_c = np.where(dense_added_c[box_c] | interior_c, labels_box, 0).astype(np.uint8)  # label of a dense voxel
+    hu_box, refined = hu[box_full], out[box_full]  # views: the result is written in place
+    for z0 in range(0, labels_box.shape[0], slab_blocks):  # a few coarse slices at a time: small temporaries
+        zs = slice(z0 * factors[0], (z0 + slab_blocks) * factors[0])
+        blocks = slice(z0, z0 + slab_blocks)
+        hu_slab, refined_slab = hu_box[zs], refined[zs]
+        np.multiply(upsample_blocks(dense_c[blocks], factors, hu_slab.shape), hu_slab < dense_max_hu, out=refined_slab)
+        np.copyto(refined_slab, upsample_blocks(near_c[blocks], factors, hu_slab.shape),
+                  where=hu_slab < air_threshold_hu)
     return out
