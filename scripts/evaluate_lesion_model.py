@@ -55,10 +55,12 @@ from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 from ctquant.measures import overlap  # noqa: E402
 from ctquant.segment import lesion_model as lm  # noqa: E402
 from ctquant.errors import CtquantError  # noqa: E402
+from real_ct import load_reference_scan  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DICOM_SUFFIXES = (".dcm",)
@@ -124,25 +126,6 @@ def predict_hu_slice(model: lm.LesionModel, hu: np.ndarray) -> np.ndarray:
     _, y_box, x_box = box
     labels[y_box, x_box] = lm.predict_slices(model, lm.hu_to_unit(hu[y_box, x_box], model.hu_window)[None])[0]
     return labels
-
-
-def load_reference_scan(real_ct: Path, entry: dict) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
-    """HU volume, spacing (z, y, x) mm and reference lung labels (1 right, 2 left) of a split entry.
-
-    ``entry`` is one item of ``real_ct_negatives`` in ``configs/lesion_split.json``: ``scan`` (DICOM
-    folder or volume file under ``real_ct``), ``lungs`` (label volume on the same grid) and
-    ``lung_values`` (its label value → 1 right / 2 left). ``exclude_z`` is not applied here.
-    """
-    from ctquant.io.scans import load_scan, read_label_image as read_label_volume
-
-    scan = load_scan(real_ct / entry["scan"])
-    values, _ = read_label_volume(real_ct / entry["lungs"])  # in LPS, as load_scan delivers the scan
-    if values.shape != scan.hu.shape:
-        raise ValueError(f"{entry['lungs']}: lung mask {values.shape} differs from scan {scan.hu.shape}")
-    lungs = np.zeros(values.shape, dtype=np.uint8)
-    for source, target in entry.get("lung_values", {"1": 1, "2": 2}).items():
-        lungs[values == int(source)] = int(target)
-    return scan.hu, tuple(float(v) for v in scan.spacing_mm), lungs
 
 
 def find_pairs(images_dir: Path, labels_dir: Path | None) -> tuple[list[tuple[str, Path, Path | None]], list[str]]:
@@ -305,7 +288,7 @@ def lesions_hu_method(hu: np.ndarray, lungs: np.ndarray, spacing_mm: tuple[float
 def specificity(model: lm.LesionModel, real_ct: Path, entries: list[dict], with_hu: bool = True) -> list[dict]:
     """GGO / consolidation / opacity % of each lung on scans without pneumonia, per lung mask and method.
 
-    Lung masks: ``product`` (``ctquant.segment.lungs.segment_lungs``) and ``reference`` (the entry's mask);
+    Lung masks: ``product`` (``ctquant.segment.lungs.segment_lungs``) and ``reference`` (the scan's reference in ``configs/real_ct_references.json``);
     methods: ``model`` and (``with_hu``) ``hu``. Slices in ``exclude_z`` (e.g. a tumour) are left
     out of both lung masks before measuring.
     """
@@ -316,7 +299,7 @@ def specificity(model: lm.LesionModel, real_ct: Path, entries: list[dict], with_
     config = load_quantify_config()
     rows = []
     for entry in entries:
-        hu, spacing, reference = load_reference_scan(real_ct, entry)
+        hu, spacing, reference = load_reference_scan(real_ct, entry["scan"])
         t0 = time.perf_counter()
         product = segment_lungs(hu, spacing)
         lung_s = time.perf_counter() - t0
@@ -383,7 +366,7 @@ def hybrids(model: lm.LesionModel, real_ct: Path, entries: list[dict], seed: int
 
     rows = []
     for entry in entries:
-        hu, spacing, reference = load_reference_scan(real_ct, entry)
+        hu, spacing, reference = load_reference_scan(real_ct, entry["scan"])
         for severity in severities:
             case = paint_pneumonia(hu, reference, spacing, severity=severity, seed=seed)
             lungs = case.lung_labels.copy()

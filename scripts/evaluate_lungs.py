@@ -40,6 +40,9 @@ from ctquant.trial.agreement import mask_metrics
 from ctquant.io.scans import read_label_image
 from ctquant.segment.lungs import LEFT, RIGHT, segment_lungs
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_ct import case_name, load_reference_scan, reference_entries  # noqa: E402
+
 if TYPE_CHECKING:
     from ctquant.segment.lesion_model import LesionModel
 
@@ -117,56 +120,42 @@ def kept_pct_by_half(pred: np.ndarray, truth: np.ndarray, ref: np.ndarray) -> di
     return out
 
 
-#: Real scans with a reference lung mask: name → (scan, reference, reference label → 1 right / 2 left).
-REAL_CASES = {
-    "lung-pet-ct-dx-A0001": ("lung-pet-ct-dx-A0001", "references/lung-pet-ct-dx-A0001_40805_lungs.nii.gz", None),
-    "pancreas-ct-cbct-001": ("pancreas-ct-cbct-001", "references/pancreas-ct-cbct-001_lungs.nii.gz", None),
-    "copdgene-10002K-x8": ("copdgene-10002K-x8/ct-64.nrrd", "copdgene-10002K-x8/lungs_right2_left3.nrrd",
-                           {2: RIGHT, 3: LEFT}),
-}
-
-
-def real_case_rows(name: str, root: Path, hybrid_seed: int, model: LesionModel | None = None) -> list[dict]:
-    """Rows for one real scan and its moderate and severe hybrids (``model``: a loaded lesion model,
-    whose GGO and consolidation on the hybrids are scored too)."""
+def real_case_rows(scan_name: str, root: Path, hybrid_seed: int, model: LesionModel | None = None) -> list[dict]:
+    """Rows for one registry scan (``configs/real_ct_references.json``) and its moderate and severe hybrids
+    (``model``: a loaded lesion model, whose GGO and consolidation on the hybrids are scored too)."""
     from ctquant.config import load_quantify_config
     from ctquant.synthetic.hybrid import CONSOLIDATION, GGO, paint_pneumonia
-    from ctquant.io.scans import load_scan
     from ctquant.segment.lesion_model import segment_lesions
     from ctquant.segment.lesions import segment_lesions_hu_config
 
-    scan_rel, ref_rel, mapping = REAL_CASES[name]
-    scan = load_scan(root / scan_rel)
-    ref, _ = read_label_image(root / ref_rel)
-    if mapping:
-        ref = np.select([ref == k for k in mapping], list(mapping.values()), 0)
-    ref = ref.astype(np.uint8)
+    scan_hu, spacing_mm, ref = load_reference_scan(root, scan_name)
+    name = case_name(scan_name)
     config = load_quantify_config()
     rows = []
     for severity in (None, "moderate", "severe"):
-        case = paint_pneumonia(scan.hu, ref, scan.spacing_mm, severity=severity, seed=hybrid_seed) if severity else None
-        hu = case.hu if case else scan.hu
+        case = paint_pneumonia(scan_hu, ref, spacing_mm, severity=severity, seed=hybrid_seed) if severity else None
+        hu = case.hu if case else scan_hu
         t0 = time.perf_counter()
-        pred = segment_lungs(hu, scan.spacing_mm)
+        pred = segment_lungs(hu, spacing_mm)
         seconds = time.perf_counter() - t0
         row = {"case": name + (f" + {severity} pneumonia" if severity else ""), "seconds": round(seconds, 2),
-               **lung_scores(pred, ref, scan.spacing_mm), "leak_pct": leak_pct(pred, ref),
+               **lung_scores(pred, ref, spacing_mm), "leak_pct": leak_pct(pred, ref),
                "leak_on_reference_slices_pct": leak_pct(pred, ref, reference_slices_only=True)}
         if case:
             cons = case.lesion_labels == CONSOLIDATION
             kept = kept_pct_by_half(pred, cons, ref)
             row.update({"consolidation_kept_pct": kept["all"], "kept_lateral_pct": kept["lateral"],
                         "kept_medial_pct": kept["medial"]})
-            methods = {"hu": segment_lesions_hu_config(hu, pred, scan.spacing_mm, config)}
+            methods = {"hu": segment_lesions_hu_config(hu, pred, spacing_mm, config)}
             min_mm3 = float(config.get("model_min_component_mm3", 0.0))  # as the product runs the model
             if model is not None:
-                methods["model"] = segment_lesions(hu, pred, model, spacing_mm=scan.spacing_mm, min_component_mm3=min_mm3)
+                methods["model"] = segment_lesions(hu, pred, model, spacing_mm=spacing_mm, min_component_mm3=min_mm3)
             for method, lesions in methods.items():
                 for label, key in ((GGO, "ggo"), (CONSOLIDATION, "consolidation")):
                     truth = np.count_nonzero(case.lesion_labels == label)
                     row[f"{method}_{key}_error_pct"] = round(100.0 * (np.count_nonzero(lesions == label) / truth - 1.0), 1)
             if model is not None:
-                in_ref = segment_lesions(hu, ref, model, spacing_mm=scan.spacing_mm, min_component_mm3=min_mm3)
+                in_ref = segment_lesions(hu, ref, model, spacing_mm=spacing_mm, min_component_mm3=min_mm3)
                 row["model_calls_consolidation_pct"] = round(
                     100.0 * np.count_nonzero(cons & (in_ref == CONSOLIDATION)) / np.count_nonzero(cons), 1)
         rows.append(row)
@@ -204,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                                   tuple(args.spacing) if args.spacing else None)
     if args.real:
         root = SHARED_DATA / "real-ct"
-        names = [n for n in REAL_CASES if (root / REAL_CASES[n][0]).exists()]
+        names = [e["scan"] for e in reference_entries() if (root / e["scan"]).exists()]
         if not names:
             print(f"no real CT with lung masks under {root}", file=sys.stderr)
             return 3

@@ -168,15 +168,13 @@ def load_negatives(root: Path, entries: list[dict], size_px: tuple[int, int], wi
     Every slice holding reference lung (less ``exclude_z``) is cropped exactly as the product crops
     (:func:`ctquant.segment.lesion_model.lung_slice_crops`) and resized to the model input.
     """
-    from evaluate_lesion_model import load_reference_scan
+    from real_ct import load_reference_scan
 
     crops, names = [], []
     for entry in entries:
-        hu, _, lungs = load_reference_scan(root / "real-ct", entry)
+        hu, _, lungs = load_reference_scan(root / "real-ct", entry["scan"])
         zs, _, unit = lm.lung_slice_crops(hu, lungs, window_hu)
-        keep = np.ones(len(zs), bool)
-        for low, high in entry.get("exclude_z", []):
-            keep &= ~((zs >= int(low)) & (zs < int(high)))
+        keep = ~excluded_slices(zs, entry.get("exclude_z", []))
         resized = lm.resize_unit_slices(unit[keep], size_px)[:, 0]
         crops.append((resized * 255.0 + 0.5).clamp(0, 255).to(torch.uint8))
         names += [f"{entry['scan']}#{int(z)}" for z in zs[keep]]
@@ -221,12 +219,12 @@ def load_hybrids(root: Path, entries: list[dict], cfg: dict[str, Any], size_px: 
     """Painted positives: pneumonia painted (``ctquant.synthetic.hybrid.paint_pneumonia``) into each training
     negative's scan for every severity and seed of ``cfg``, cropped by :func:`painted_crops`; painted once,
     kept in memory as uint8 (crops, labels) and names ``scan|severity|seed#z``."""
-    from evaluate_lesion_model import load_reference_scan
+    from real_ct import load_reference_scan
     from ctquant.synthetic.hybrid import paint_pneumonia
 
     xs, ys, names = [], [], []
     for entry in entries:
-        hu, spacing, lungs = load_reference_scan(root / "real-ct", entry)
+        hu, spacing, lungs = load_reference_scan(root / "real-ct", entry["scan"])
         for severity in cfg.get("severities", ["moderate", "severe"]):
             for seed in cfg.get("seeds", [10]):
                 t0 = time.monotonic()

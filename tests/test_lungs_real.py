@@ -3,7 +3,8 @@ pneumonia painted in, image-edge and no-lung cases. Tests needing the shared dat
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,44 +20,48 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * np.count_nonzero(a & b) / max(1, np.count_nonzero(a) + np.count_nonzero(b))
 
 
-def _real(shared_data, scan: str, reference: str, mapping: dict[int, int] | None = None):
-    root = shared_data / "real-ct"
-    if not (root / scan).exists():
+def _real(shared_data, scan: str):
+    """HU, spacing and reference lungs of a scan of configs/real_ct_references.json (skips without it)."""
+    if not (shared_data / "real-ct" / scan).exists():
         pytest.skip(f"{scan} is not in ../shared/data/real-ct")
-    loaded = load_scan(root / scan)
-    ref, _ = read_label_image(root / reference)
-    if mapping:
-        ref = np.select([ref == k for k in mapping], list(mapping.values()), 0)
-    return loaded.hu, loaded.spacing_mm, ref.astype(np.uint8)
+    return _scripts_module("real_ct").load_reference_scan(shared_data / "real-ct", scan)
+
+
+def _scripts_module(name: str):
+    """scripts/<name>.py as a module (scripts/ on the path, as when the script runs)."""
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    if str(scripts) not in sys.path:
+        sys.path.insert(0, str(scripts))
+    return importlib.import_module(name)
 
 
 def _evaluate_lungs_script():
     """scripts/evaluate_lungs.py as a module (its metric functions are what the README figures use)."""
-    path = Path(__file__).resolve().parents[1] / "scripts" / "evaluate_lungs.py"
-    spec = importlib.util.spec_from_file_location("evaluate_lungs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _scripts_module("evaluate_lungs")
 
 
 # Measured with this code (README "Accuracy", scripts/evaluate_lungs.py --real): Dice 0.987 / 0.970 /
 # 0.975; leak 1.19 / 4.31 / 4.87 % of the reference, and on the reference's own slices 1.19 / 1.69 / 4.87 %:
 # the pancreas reference leaves out the scan's top slice (2.6 % of its volume), which holds lung and
 # which the product keeps; the COPDGene case has 4 mm voxels. Asserted with about 0.5 % of margin.
-REAL_CASES = [
-    ("lung-pet-ct-dx-A0001", "references/lung-pet-ct-dx-A0001_40805_lungs.nii.gz", None, 1.8, 1.8),
-    ("pancreas-ct-cbct-001", "references/pancreas-ct-cbct-001_lungs.nii.gz", None, 5.0, 2.2),
-    ("copdgene-10002K-x8/ct-64.nrrd", "copdgene-10002K-x8/lungs_right2_left3.nrrd", {2: RIGHT, 3: LEFT}, 5.5, 5.5),
-]
+MAX_LEAK_PCT = {  # scan of configs/real_ct_references.json: (all slices, the reference's slices only)
+    "lung-pet-ct-dx-A0001": (1.8, 1.8),
+    "pancreas-ct-cbct-001": (5.0, 2.2),
+    "copdgene-10002K-x8/ct-64.nrrd": (5.5, 5.5),
+}
 
 
-@pytest.mark.parametrize("scan, reference, mapping, max_leak_pct, max_leak_on_reference_slices_pct", REAL_CASES)
-def test_real_lungs_against_reference(shared_data, scan, reference, mapping, max_leak_pct,
-                                      max_leak_on_reference_slices_pct):
+def test_every_registered_real_scan_has_leak_bounds():
+    assert sorted(MAX_LEAK_PCT) == sorted(e["scan"] for e in _scripts_module("real_ct").reference_entries())
+
+
+@pytest.mark.parametrize("scan", sorted(MAX_LEAK_PCT))
+def test_real_lungs_against_reference(shared_data, scan):
     """Both lungs Dice >= 0.97, each lung >= 0.95, and little lung outside the reference (no leak into
     chest wall, mediastinum, neck or abdomen: the old pipeline leaked 15-67 % here)."""
     evaluate = _evaluate_lungs_script()
-    hu, spacing, ref = _real(shared_data, scan, reference, mapping)
+    hu, spacing, ref = _real(shared_data, scan)
+    max_leak_pct, max_leak_on_reference_slices_pct = MAX_LEAK_PCT[scan]
     labels = segment_lungs(hu, spacing)
     assert _dice(labels > 0, ref > 0) >= 0.97
     for side in (RIGHT, LEFT):
@@ -99,8 +104,7 @@ def test_kept_consolidation_is_split_at_each_slices_lung_centre():
 def test_hybrid_is_deterministic_and_inside_the_lungs(shared_data):
     """Painted pneumonia: same seed, same case; lesions only inside the reference lungs, at the
     painted densities; consolidation at soft-tissue density, GGO in its band."""
-    hu, spacing, ref = _real(shared_data, "copdgene-10002K-x8/ct-64.nrrd",
-                             "copdgene-10002K-x8/lungs_right2_left3.nrrd", {2: RIGHT, 3: LEFT})
+    hu, spacing, ref = _real(shared_data, "copdgene-10002K-x8/ct-64.nrrd")
     first = paint_pneumonia(hu, ref, spacing, severity="moderate", seed=4)
     again = paint_pneumonia(hu, ref, spacing, severity="moderate", seed=4)
     other = paint_pneumonia(hu, ref, spacing, severity="moderate", seed=5)
@@ -126,8 +130,7 @@ def test_hybrid_is_deterministic_and_inside_the_lungs(shared_data):
 def test_hybrid_lungs_keep_painted_consolidation_at_the_ribs(shared_data):
     """Dense lung against the chest wall stays lung (measured: Dice 0.939, 49 % of the painted
     consolidation inside the mask; dense lung with no aerated lung in its slice is still missed)."""
-    hu, spacing, ref = _real(shared_data, "copdgene-10002K-x8/ct-64.nrrd",
-                             "copdgene-10002K-x8/lungs_right2_left3.nrrd", {2: RIGHT, 3: LEFT})
+    hu, spacing, ref = _real(shared_data, "copdgene-10002K-x8/ct-64.nrrd")
     case = paint_pneumonia(hu, ref, spacing, severity="moderate", seed=1)
     labels = segment_lungs(case.hu, spacing)
     assert _dice(labels > 0, ref > 0) >= 0.93
