@@ -138,6 +138,22 @@ def test_predict_slices_any_size(model):
     assert labels.shape == (2, 100, 70) and labels.dtype == np.uint8
 
 
+def test_predict_slices_is_the_argmax_of_predict_proba(model):
+    """Skipping the resize of slices that are background at the model's size changes no label: an air
+    slice (skipped) and slices with a dense patch (resized), up- and down-sized."""
+    hu, lungs = _phantom()
+    unit = lm.hu_to_unit(hu[1:5])
+    unit[2:, 25:45, 60:80] = lm.hu_to_unit(np.array([-450.0]))[0]  # ground-glass density in the left lung
+    unit[0] = lm.hu_to_unit(np.array([-1000.0]))[0]  # air only
+    for size in ((80, 96), (300, 260)):
+        slices = torch.nn.functional.interpolate(torch.from_numpy(unit)[:, None], size=size, mode="nearest")[:, 0]
+        slices = slices.numpy()
+        expected = lm.probabilities_to_labels(lm.predict_proba(model, slices)).numpy()
+        got = lm.predict_slices(model, slices, batch_size=len(slices))
+        np.testing.assert_array_equal(got, expected)
+        assert not got[0].any() and got[2:].any()  # both paths taken
+
+
 # ------------------------------------------------------------------------------------ Dice
 def test_dice_convention():
     empty = np.zeros((4, 4), bool)
