@@ -9,8 +9,6 @@ Two methods share one output convention (uint8 labels on the CT grid, zero outsi
 
 from __future__ import annotations
 
-import math
-
 import cc3d
 import numpy as np
 from scipy import ndimage as ndi
@@ -229,9 +227,9 @@ def remove_small(mask: np.ndarray, min_voxels: float, connectivity: int = 1) -> 
     """Drop connected components with fewer than ``min_voxels`` voxels from a 2D or 3D mask.
 
     ``connectivity`` as in :func:`scipy.ndimage.generate_binary_structure` (1: faces only; ``mask.ndim``:
-    faces, edges and corners). Components are found by ``cc3d.dust`` (the same components as
-    :func:`scipy.ndimage.label`, several times faster) within the mask's bounding box, so a small lesion
-    in a large volume costs little.
+    faces, edges and corners). Components are labelled by ``cc3d.connected_components`` (the same
+    components as :func:`scipy.ndimage.label`, about four times faster at 26-connectivity) within the
+    mask's bounding box and counted over its voxels only, so a small lesion in a large volume costs little.
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim not in _CC3D_CONNECTIVITY or not 1 <= connectivity <= mask.ndim:
@@ -241,7 +239,10 @@ def remove_small(mask: np.ndarray, min_voxels: float, connectivity: int = 1) -> 
         return mask
     box = tuple(slice(int(i[0]), int(i[-1]) + 1) for i in (
         np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis))) for axis in range(mask.ndim)))
+    inner = np.ascontiguousarray(mask[box])
+    comps = cc3d.connected_components(inner, connectivity=_CC3D_CONNECTIVITY[mask.ndim][connectivity - 1])
+    of_mask = comps[inner]
+    keep = np.bincount(of_mask) >= min_voxels
     out = np.zeros(mask.shape, dtype=bool)
-    out[box] = cc3d.dust(np.ascontiguousarray(mask[box]), threshold=int(math.ceil(min_voxels)),
-                         connectivity=_CC3D_CONNECTIVITY[mask.ndim][connectivity - 1])
+    out[box][inner] = keep[of_mask]
     return out
