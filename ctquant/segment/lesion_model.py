@@ -250,10 +250,11 @@ def predict_slices(model: LesionModel, slices_unit: np.ndarray, batch_size: int 
     return out
 
 
-def _as_mask(values: np.ndarray) -> np.ndarray:
-    """``values > 0`` as bool, without a copy when ``values`` already is bool."""
+def _lung_values(values: np.ndarray) -> np.ndarray:
+    """A lung mask or label image whose non-zero voxels are the lung: bool and unsigned ones as they
+    are (no full-volume copy), others as ``values > 0``."""
     values = np.asarray(values)
-    return values if values.dtype == bool else values > 0
+    return values if values.dtype == bool or values.dtype.kind == "u" else values > 0
 
 
 def lung_crop_box(lung_mask: np.ndarray, margin_fraction: float = DEFAULT_CROP_MARGIN_FRACTION
@@ -263,7 +264,7 @@ def lung_crop_box(lung_mask: np.ndarray, margin_fraction: float = DEFAULT_CROP_M
     One in-plane box for the whole volume keeps the pixel scale the same on every slice (as in the
     training exports, where a mid-thorax pair of lungs fills the image). ``None`` if there is no lung.
     """
-    mask = _as_mask(lung_mask)
+    mask = _lung_values(lung_mask)
     zs = np.flatnonzero(mask.any(axis=(1, 2)))
     if zs.size == 0:
         return None
@@ -320,7 +321,7 @@ def segment_lesions(hu: np.ndarray, lung_mask: np.ndarray, model: LesionModel, b
     ``model_min_component_mm3``).
     """
     hu = np.asarray(hu)
-    lung = _as_mask(lung_mask)
+    lung = _lung_values(lung_mask)
     if hu.ndim != 3 or hu.shape != lung.shape:
         raise ValueError(f"hu {hu.shape} and lung_mask {lung.shape} must be equal (z, y, x) shapes")
     labels = np.zeros(hu.shape, dtype=np.uint8)
@@ -336,7 +337,7 @@ def segment_lesions(hu: np.ndarray, lung_mask: np.ndarray, model: LesionModel, b
         if zs[-1] - zs[0] == len(zs) - 1:  # consecutive slices (the rule): views, not copies
             zs = slice(int(zs[0]), int(zs[-1]) + 1)
         pred = predict_slices(model, hu_to_unit(hu[zs, y_box, x_box], model.hu_window), batch_size=batch_size)
-        labels[zs, y_box, x_box] = pred * lung[zs, y_box, x_box]
+        labels[zs, y_box, x_box] = pred * (lung[zs, y_box, x_box] > 0)
     if spacing_mm is not None and min_component_mm3 > 0:
         labels[z_box, y_box, x_box] = remove_small_lesions(labels[z_box, y_box, x_box], spacing_mm, min_component_mm3)
     return labels
