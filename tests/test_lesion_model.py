@@ -114,6 +114,20 @@ def test_segment_lesions_shape_and_zero_outside_lung(model):
     assert np.array_equal(labels, again)  # deterministic on CPU
 
 
+def test_segment_lesions_with_a_gap_between_lung_slices(model):
+    """Batches of consecutive slices (views) and of slices with a gap (index arrays) give the product's
+    crops' predictions, zero outside the lung and on the slice without lung."""
+    hu, lungs = _phantom()
+    lungs[2] = False
+    labels = lm.segment_lesions(hu, lungs, model, batch_size=2)  # batches z = (1, 3) and (4,)
+    zs, box, unit = lm.lung_slice_crops(hu, lungs)
+    assert list(zs) == [1, 3, 4]
+    expected = lm.predict_slices(model, unit, batch_size=2) * lungs[zs][:, box[1], box[2]]
+    assert expected.any()
+    np.testing.assert_array_equal(labels[zs][:, box[1], box[2]], expected)
+    assert not labels[[0, 2, 5]].any() and not labels[~lungs].any()
+
+
 def test_segment_lesions_without_lung_is_empty(model):
     hu, _ = _phantom()
     labels = lm.segment_lesions(hu, np.zeros(hu.shape, bool), model)
