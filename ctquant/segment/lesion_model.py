@@ -49,6 +49,9 @@ CHECKPOINT_VERSION = 1
 #: The labelled training slices are cropped so tightly that the lungs span a median 99 % of the
 #: image width and height (margins 0-2 % per side), so the product crop keeps a 1 % margin.
 DEFAULT_CROP_MARGIN_FRACTION = 0.01
+#: Slices per forward pass of :func:`segment_lesions` by device type (16 elsewhere): small batches keep
+#: a channels-last SegResNet-8 pass in the 2-core CPU's caches.
+DEFAULT_BATCH_SIZE: dict[str, int] = {"cpu": 8}
 
 #: MONAI network classes the checkpoint's ``architecture["name"]`` may name.
 _NETWORKS = ("UNet", "BasicUNet", "SegResNet", "AttentionUnet")
@@ -172,6 +175,8 @@ def load_lesion_model(path: str | Path | None = None, device: str = "cpu") -> Le
         raise ModelError(f"weights incompatible with the network code: {first}", path) from None
     torch_device = torch.device(resolve_device(device))
     network.to(torch_device).eval()
+    if torch_device.type == "cpu":  # oneDNN's NHWC convolutions: about 20 % faster, same logits to 1e-5
+        network.to(memory_format=torch.channels_last)
     return LesionModel(network=network, path=path, sha256=file_sha256(path), metadata=metadata, device=torch_device)
 
 
@@ -189,6 +194,18 @@ def resize_unit_slices(slices_unit: np.ndarray | torch.Tensor, size_px: tuple[in
     return _resize(batch, size_px)
 
 
+def _input_size_proba(model: LesionModel, slices_unit: np.ndarray) -> torch.Tensor:
+    """Softmax (n, 3, *input_size) float32 on the model's device of (n, h, w) unit-range slices resized to
+    the model's input size (channels-last on the CPU, float16 autocast on CUDA)."""
+    x = resize_unit_slices(slices_unit, model.input_size).to(model.device)
+    if model.device.type == "cpu":
+        x = x.contiguous(memory_format=torch.channels_last)
+    use_amp = model.device.type == "cuda"
+    with torch.inference_mode(), torch.autocast(device_type=model.device.type, dtype=torch.float16, enabled=use_amp):
+        logits = model.network(x)
+    return torch.softmax(logits.float(), dim=1).contiguous()
+
+
 def predict_proba(model: LesionModel, slices_unit: np.ndarray) -> torch.Tensor:
     """Class probabilities (n, 3, h, w) float32 on the CPU for one batch of (n, h, w) unit-range slices.
 
@@ -197,13 +214,7 @@ def predict_proba(model: LesionModel, slices_unit: np.ndarray) -> torch.Tensor:
     slices_unit = np.asarray(slices_unit, dtype=np.float32)
     if slices_unit.ndim != 3:
         raise ValueError(f"expected slices of shape (n, h, w), got {slices_unit.shape}")
-    height, width = slices_unit.shape[1:]
-    x = resize_unit_slices(slices_unit, model.input_size).to(model.device)
-    use_amp = model.device.type == "cuda"
-    with torch.inference_mode(), torch.autocast(device_type=model.device.type, dtype=torch.float16, enabled=use_amp):
-        logits = model.network(x)
-    probs = torch.softmax(logits.float(), dim=1)
-    return _resize(probs, (height, width)).cpu()
+    return _resize(_input_size_proba(model, slices_unit), slices_unit.shape[1:]).cpu()
 
 
 def probabilities_to_labels(probs: torch.Tensor) -> torch.Tensor:
@@ -212,24 +223,38 @@ def probabilities_to_labels(probs: torch.Tensor) -> torch.Tensor:
     Element-wise running maximum: several times faster on the CPU than ``argmax(dim=1)``.
     """
     best = probs[:, 0]
-    labels = torch.zeros(best.shape, dtype=torch.uint8)
+    labels = torch.zeros(best.shape, dtype=torch.uint8, device=probs.device)
     for cls in range(1, probs.shape[1]):
-        better = probs[:, cls] > best
-        labels[better] = cls
+        labels.masked_fill_(probs[:, cls] > best, cls)
         best = torch.maximum(best, probs[:, cls])
     return labels
 
 
 def predict_slices(model: LesionModel, slices_unit: np.ndarray, batch_size: int = 16) -> np.ndarray:
-    """Labels (n, h, w) uint8 (0 background, 1 GGO, 2 consolidation) for (n, h, w) unit-range slices."""
+    """Labels (n, h, w) uint8 (0 background, 1 GGO, 2 consolidation) for (n, h, w) unit-range slices.
+
+    The argmax of :func:`predict_proba`, with its resize skipped on slices that are all background at
+    the model's input size: bilinear weights are non-negative, so where background is the largest
+    probability at every input pixel it stays the largest (or tied: background) at every output pixel.
+    """
     slices_unit = np.asarray(slices_unit, dtype=np.float32)
     if slices_unit.ndim != 3:
         raise ValueError(f"expected slices of shape (n, h, w), got {slices_unit.shape}")
     out = np.zeros(slices_unit.shape, dtype=np.uint8)
     for start in range(0, len(slices_unit), max(1, int(batch_size))):
-        probs = predict_proba(model, slices_unit[start:start + batch_size])
-        out[start:start + batch_size] = probabilities_to_labels(probs).numpy()
+        probs = _input_size_proba(model, slices_unit[start:start + batch_size])
+        hit = (probabilities_to_labels(probs) > 0).flatten(1).any(dim=1)
+        if hit.any():
+            full = _resize(probs[hit], slices_unit.shape[1:])
+            out[start + np.flatnonzero(hit.cpu().numpy())] = probabilities_to_labels(full).cpu().numpy()
     return out
+
+
+def _lung_values(values: np.ndarray) -> np.ndarray:
+    """A lung mask or label image whose non-zero voxels are the lung: bool and unsigned ones as they
+    are (no full-volume copy), others as ``values > 0``."""
+    values = np.asarray(values)
+    return values if values.dtype == bool or values.dtype.kind == "u" else values > 0
 
 
 def lung_crop_box(lung_mask: np.ndarray, margin_fraction: float = DEFAULT_CROP_MARGIN_FRACTION
@@ -239,12 +264,12 @@ def lung_crop_box(lung_mask: np.ndarray, margin_fraction: float = DEFAULT_CROP_M
     One in-plane box for the whole volume keeps the pixel scale the same on every slice (as in the
     training exports, where a mid-thorax pair of lungs fills the image). ``None`` if there is no lung.
     """
-    mask = np.asarray(lung_mask) > 0
+    mask = _lung_values(lung_mask)
     zs = np.flatnonzero(mask.any(axis=(1, 2)))
     if zs.size == 0:
         return None
-    ys = np.flatnonzero(mask.any(axis=(0, 2)))
-    xs = np.flatnonzero(mask.any(axis=(0, 1)))
+    plane = mask[zs[0]:zs[-1] + 1].any(axis=0)
+    ys, xs = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
     box = []
     for idx, n in ((ys, mask.shape[1]), (xs, mask.shape[2])):
         lo, hi = int(idx[0]), int(idx[-1]) + 1
@@ -283,7 +308,7 @@ def remove_small_lesions(labels: np.ndarray, spacing_mm: tuple[float, float, flo
     return labels * keep
 
 
-def segment_lesions(hu: np.ndarray, lung_mask: np.ndarray, model: LesionModel, batch_size: int = 16,
+def segment_lesions(hu: np.ndarray, lung_mask: np.ndarray, model: LesionModel, batch_size: int | None = None,
                     margin_fraction: float = DEFAULT_CROP_MARGIN_FRACTION,
                     spacing_mm: tuple[float, float, float] | None = None,
                     min_component_mm3: float = 0.0) -> np.ndarray:
@@ -291,12 +316,12 @@ def segment_lesions(hu: np.ndarray, lung_mask: np.ndarray, model: LesionModel, b
 
     Only slices containing lung are run; each is cropped to the lung bounding box (see
     :func:`lung_crop_box`), normalised with :func:`hu_to_unit` at the model's HU window and passed
-    through :func:`predict_slices`. With ``spacing_mm`` and ``min_component_mm3`` > 0, lesion components
-    smaller than that are dropped (:func:`remove_small_lesions`; ``configs/quantify.yaml``
+    through :func:`predict_slices`, ``batch_size`` slices at a time (default :data:`DEFAULT_BATCH_SIZE`).
+    With ``spacing_mm`` and ``min_component_mm3`` > 0, lesion components smaller than that are dropped (:func:`remove_small_lesions`; ``configs/quantify.yaml``
     ``model_min_component_mm3``).
     """
     hu = np.asarray(hu)
-    lung = np.asarray(lung_mask) > 0
+    lung = _lung_values(lung_mask)
     if hu.ndim != 3 or hu.shape != lung.shape:
         raise ValueError(f"hu {hu.shape} and lung_mask {lung.shape} must be equal (z, y, x) shapes")
     labels = np.zeros(hu.shape, dtype=np.uint8)
@@ -304,13 +329,15 @@ def segment_lesions(hu: np.ndarray, lung_mask: np.ndarray, model: LesionModel, b
     if box is None:
         return labels
     z_box, y_box, x_box = box
+    if batch_size is None:
+        batch_size = DEFAULT_BATCH_SIZE.get(model.device.type, 16)
     z_with_lung = np.flatnonzero(lung[z_box].any(axis=(1, 2))) + z_box.start
     for start in range(0, len(z_with_lung), max(1, int(batch_size))):
         zs = z_with_lung[start:start + batch_size]
-        crop_unit = hu_to_unit(hu[zs, y_box, x_box], model.hu_window)
-        pred = predict_slices(model, crop_unit, batch_size=len(zs))
-        pred[~lung[zs, y_box, x_box]] = 0
-        labels[zs, y_box, x_box] = pred
+        if zs[-1] - zs[0] == len(zs) - 1:  # consecutive slices (the rule): views, not copies
+            zs = slice(int(zs[0]), int(zs[-1]) + 1)
+        pred = predict_slices(model, hu_to_unit(hu[zs, y_box, x_box], model.hu_window), batch_size=batch_size)
+        labels[zs, y_box, x_box] = pred * (lung[zs, y_box, x_box] > 0)
     if spacing_mm is not None and min_component_mm3 > 0:
         labels[z_box, y_box, x_box] = remove_small_lesions(labels[z_box, y_box, x_box], spacing_mm, min_component_mm3)
     return labels

