@@ -317,8 +317,8 @@ def segment_lesions(hu: np.ndarray, lung_mask: np.ndarray, model: LesionModel, b
     Only slices containing lung are run; each is cropped to the lung bounding box (see
     :func:`lung_crop_box`), normalised with :func:`hu_to_unit` at the model's HU window and passed
     through :func:`predict_slices`, ``batch_size`` slices at a time (default :data:`DEFAULT_BATCH_SIZE`).
-    With ``spacing_mm`` and ``min_component_mm3`` > 0, lesion components smaller than that are dropped (:func:`remove_small_lesions`; ``configs/quantify.yaml``
-    ``model_min_component_mm3``).
+    With ``spacing_mm`` and ``min_component_mm3`` > 0, lesion components smaller than that are dropped
+    (:func:`remove_small_lesions`; ``configs/quantify.yaml`` ``model_min_component_mm3``).
     """
     hu = np.asarray(hu)
     lung = _lung_values(lung_mask)
