@@ -492,7 +492,9 @@ def test_load_hybrids_paints_the_training_scan_with_aligned_labels(shared_data):
     assert all(n.startswith(entry["scan"] + "|moderate|11#") for n in names)
     from ctquant.synthetic.hybrid import paint_pneumonia
 
-    hu, spacing, lungs = _evaluate_module().load_reference_scan(shared_data / "real-ct", entry["scan"])
+    from real_ct import load_reference_scan  # scripts/ is on the path (_train_module)
+
+    hu, spacing, lungs = load_reference_scan(shared_data / "real-ct", entry["scan"])
     case = paint_pneumonia(hu, lungs, spacing, severity="moderate", seed=11)
     unit = crops.float().numpy() / 255.0
     for label in (lm.GGO, lm.CONSOLIDATION):
