@@ -288,8 +288,8 @@ def lesions_hu_method(hu: np.ndarray, lungs: np.ndarray, spacing_mm: tuple[float
 def specificity(model: lm.LesionModel, real_ct: Path, entries: list[dict], with_hu: bool = True) -> list[dict]:
     """GGO / consolidation / opacity % of each lung on scans without pneumonia, per lung mask and method.
 
-    Lung masks: ``product`` (``ctquant.segment.lungs.segment_lungs``) and ``reference`` (the scan's reference in ``configs/real_ct_references.json``);
-    methods: ``model`` and (``with_hu``) ``hu``. Slices in ``exclude_z`` (e.g. a tumour) are left
+    Lung masks: ``product`` (``ctquant.segment.lungs.segment_lungs``) and ``reference`` (the scan's reference
+    in ``configs/real_ct_references.json``); methods: ``model`` and (``with_hu``) ``hu``. Slices in ``exclude_z`` (e.g. a tumour) are left
     out of both lung masks before measuring.
     """
     from ctquant.config import load_quantify_config

@@ -1,4 +1,5 @@
-"""Grid helpers shared by the lung and lesion steps: block-wise down- and upsampling of (z, y, x) volumes.
+"""Grid helpers shared by the lung and lesion steps: block-wise down- and upsampling of (z, y, x) volumes,
+and the bounding box of a mask.
 
 In: a volume (or mask) and integer block ``factors`` per axis; out: the coarse volume, or a coarse volume
 brought back to the full grid by nearest-neighbour repetition.
@@ -7,6 +8,19 @@ brought back to the full grid by nearest-neighbour repetition.
 from __future__ import annotations
 
 import numpy as np
+
+
+def bounding_box(volume: np.ndarray) -> tuple[slice, ...] | None:
+    """The box of a 2D or 3D array's nonzero elements, from max projections (``ndi.find_objects`` is slow
+    on full volumes; the other axes are projected within the first axis's extent only); None when all are
+    zero."""
+    first = np.flatnonzero(volume.reshape(volume.shape[0], -1).max(axis=1))
+    if first.size == 0:
+        return None
+    rest = volume[first[0]: first[-1] + 1].max(axis=0)
+    others = [np.flatnonzero(rest.max(axis=tuple(a for a in range(rest.ndim) if a != axis)))
+              for axis in range(rest.ndim)]
+    return tuple(slice(int(i[0]), int(i[-1]) + 1) for i in [first, *others])
 
 
 def coarse_factors(spacing_mm: tuple[float, float, float], target_mm: float = 2.5) -> tuple[int, int, int]:

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import MODEL_DIR, file_sha256
+from ..config import MODEL_DIR, file_sha256, resolve_device
 from ..errors import ModelError
-from ..config import resolve_device
+from .grid import bounding_box
 
 #: Class index → name of the network's outputs.
 CLASS_NAMES: tuple[str, ...] = ("background", "ggo", "consolidation")
@@ -265,17 +265,14 @@ def lung_crop_box(lung_mask: np.ndarray, margin_fraction: float = DEFAULT_CROP_M
     training exports, where a mid-thorax pair of lungs fills the image). ``None`` if there is no lung.
     """
     mask = _lung_values(lung_mask)
-    zs = np.flatnonzero(mask.any(axis=(1, 2)))
-    if zs.size == 0:
+    box = bounding_box(mask)
+    if box is None:
         return None
-    plane = mask[zs[0]:zs[-1] + 1].any(axis=0)
-    ys, xs = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
-    box = []
-    for idx, n in ((ys, mask.shape[1]), (xs, mask.shape[2])):
-        lo, hi = int(idx[0]), int(idx[-1]) + 1
-        pad = int(math.ceil(margin_fraction * (hi - lo)))
-        box.append(slice(max(0, lo - pad), min(n, hi + pad)))
-    return (slice(int(zs[0]), int(zs[-1]) + 1), box[0], box[1])
+    widened = []
+    for extent, n in zip(box[1:], mask.shape[1:]):
+        pad = int(math.ceil(margin_fraction * (extent.stop - extent.start)))
+        widened.append(slice(max(0, extent.start - pad), min(n, extent.stop + pad)))
+    return (box[0], *widened)
 
 
 def lung_slice_crops(hu: np.ndarray, lung_mask: np.ndarray, window_hu: tuple[float, float] = DEFAULT_HU_WINDOW,

@@ -13,7 +13,7 @@ import cc3d
 import numpy as np
 from scipy import ndimage as ndi
 
-from .grid import block_majority, block_mean, upsample_blocks
+from .grid import block_majority, block_mean, bounding_box, upsample_blocks
 
 GGO, CONSOLIDATION = 1, 2
 #: Keywords of :func:`segment_lesions_hu` that ``configs/quantify.yaml`` sets under ``vessel_removal``.
@@ -237,8 +237,7 @@ def remove_small(mask: np.ndarray, min_voxels: float, connectivity: int = 1) -> 
                          f"{connectivity}")
     if min_voxels <= 1 or not mask.any():
         return mask
-    box = tuple(slice(int(i[0]), int(i[-1]) + 1) for i in (
-        np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis))) for axis in range(mask.ndim)))
+    box = bounding_box(mask)
     inner = np.ascontiguousarray(mask[box])
     comps = cc3d.connected_components(inner, connectivity=_CC3D_CONNECTIVITY[mask.ndim][connectivity - 1])
     of_mask = comps[inner]

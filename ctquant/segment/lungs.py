@@ -37,7 +37,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
-from .grid import block_mean_edge, coarse_factors, upsample_blocks
+from .grid import block_mean_edge, bounding_box, coarse_factors, upsample_blocks
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +46,6 @@ RIGHT, LEFT = 1, 2
 #: In-plane 2D connectivity expressed as a 3D structure (no links between slices).
 _SLICEWISE = np.zeros((3, 3, 3), dtype=bool)
 _SLICEWISE[1] = ndi.generate_binary_structure(2, 1)
-
-
-def _bounding_box(volume: np.ndarray) -> tuple[slice, slice, slice] | None:
-    """The box of a (z, y, x) volume's nonzero voxels, from max projections (ndi.find_objects is slow on full
-    volumes); None when all are zero."""
-    zs = np.flatnonzero(volume.reshape(volume.shape[0], -1).max(axis=1))
-    if zs.size == 0:
-        return None
-    plane = volume[zs[0]: zs[-1] + 1].max(axis=0)
-    ys, xs = np.flatnonzero(plane.max(axis=1)), np.flatnonzero(plane.max(axis=0))
-    return slice(zs[0], zs[-1] + 1), slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1)
 
 
 def _grown(box: tuple[slice, slice, slice], shape: tuple[int, ...], margin: int,
@@ -207,7 +196,7 @@ def split_lungs(lungs: np.ndarray, max_erosions: int = 12) -> tuple[np.ndarray, 
     Works in the region's bounding box grown by one voxel of background: erosion, labelling (in the same
     raster order), distance to the background and watershed see the same region there.
     """
-    box = _bounding_box(lungs)
+    box = bounding_box(lungs)
     if box is None:
         return None
     box = _grown(box, lungs.shape, 1)
@@ -244,7 +233,7 @@ def _fill_slices(mask: np.ndarray) -> np.ndarray:
     Works in the mask's bounding box: outside it every slice is background that reaches the image border.
     """
     out = np.zeros(mask.shape, dtype=bool)
-    box = _bounding_box(mask)
+    box = bounding_box(mask)
     if box is not None:
         out[box] = ndi.binary_fill_holes(mask[box], structure=_SLICEWISE)
     return out
@@ -275,7 +264,7 @@ def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
     body = body_mask(hu_c)
     air = (hu_c < air_threshold_hu) & body
     airways = find_airways(air, body, coarse_spacing)
-    airway_box = _bounding_box(airways)
+    airway_box = bounding_box(airways)
     if airway_box is not None:  # the airways grown by one voxel, within their box grown by one
         airway_box = _grown(airway_box, airways.shape, 1)
         airways[airway_box] = ndi.binary_dilation(airways[airway_box], _ball(np.full(3, 1.0)))
@@ -455,7 +444,7 @@ def fill_to_rib_cage(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, spaci
             fill[z, yy[stretch], xx[stretch]] = True
         # Closed per axial slice (no links between slices), all slices in one call, in the box of the fill grown
         # in-plane by the closing's reach (2): outside it the closing is empty, inside it sees all it would.
-        box = _bounding_box(fill)
+        box = bounding_box(fill)
         if box is None:
             continue
         box = _grown(box, fill.shape, 2, in_plane=True)
@@ -478,7 +467,7 @@ def drop_diaphragm_domes(labels: np.ndarray, soft_tissue: np.ndarray, body: np.n
     voxels of the dome's density (above about -200 HU).
     """
     added = (labels > 0) & soft_tissue
-    box = _bounding_box(added)
+    box = bounding_box(added)
     if box is None:
         return labels
     # Everything below is counted over voxels of ``added``; their in-plane neighbours and the slice below lie in
@@ -518,7 +507,7 @@ def _refine(labels_c: np.ndarray, dense_added_c: np.ndarray, hu: np.ndarray, fac
         return out
     if factors == (1, 1, 1):
         return labels_c.astype(np.uint8)
-    box = _bounding_box(labels_c)
+    box = bounding_box(labels_c)
     box_c = _grown(box, labels_c.shape, 1)
     box_full = tuple(slice(b.start * f, min(n, b.stop * f)) for b, f, n in zip(box_c, factors, hu.shape))
     labels_box = labels_c[box_c]
