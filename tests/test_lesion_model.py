@@ -219,9 +219,10 @@ def test_bundle_config_builds_network_and_loads_shipped_weights(model):
     loaded = model.network.state_dict()
     assert network.state_dict().keys() == loaded.keys()
     assert all(torch.equal(value, loaded[key]) for key, value in network.state_dict().items())
-    x = torch.rand(1, 1, *model.input_size)
+    x = torch.rand(1, 1, *model.input_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():  # the product runs channels-last on the CPU: same logits up to rounding
-        assert torch.allclose(network(x), model.network(x), atol=1e-3)
+        # (measured: at most 1.6e-3 on logits up to ~33 over 40 random inputs; other weights differ by > 1)
+        assert (network(x) - model.network(x)).abs().max() < 5e-3
     metadata = json.loads((REPO_ROOT / "configs" / "metadata.json").read_text())
     spec = metadata["network_data_format"]
     assert spec["inputs"]["image"]["spatial_shape"] == list(model.input_size)
