@@ -289,8 +289,8 @@ def specificity(model: lm.LesionModel, real_ct: Path, entries: list[dict], with_
     """GGO / consolidation / opacity % of each lung on scans without pneumonia, per lung mask and method.
 
     Lung masks: ``product`` (``ctquant.segment.lungs.segment_lungs``) and ``reference`` (the scan's reference
-    in ``configs/real_ct_references.json``); methods: ``model`` and (``with_hu``) ``hu``. Slices in ``exclude_z`` (e.g. a tumour) are left
-    out of both lung masks before measuring.
+    in ``configs/real_ct_references.json``); methods: ``model`` and (``with_hu``) ``hu``. Slices in
+    ``exclude_z`` (e.g. a tumour) are left out of both lung masks before measuring.
     """
     from ctquant.config import load_quantify_config
     from ctquant.segment.lungs import segment_lungs
