@@ -7,6 +7,7 @@ values must come back exactly and the geometry must match the generator's.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -253,7 +254,49 @@ def test_compressed_series_decode_to_identical_hu(name: str, phantom, tmp_path: 
         pytest.skip(missing)
     paths = bi.write_series(tmp_path / "study", transfer_syntax=syntax)
     assert pydicom.dcmread(paths[0], stop_before_pixels=True).file_meta.TransferSyntaxUID == syntax
-    assert_matches_phantom(ctio.load_scan(tmp_path / "study"), phantom)
+    scan = ctio.load_scan(tmp_path / "study")
+    assert_matches_phantom(scan, phantom)
+    assert scan.meta["pixel_decoder"] == ("gdcm" if syntax in ctio.GDCM_SYNTAXES else "pydicom")
+
+
+def test_gdcm_decoding_inverts_a_non_unit_rescale(phantom, tmp_path: Path):
+    """GDCM applies RescaleSlope/Intercept itself; the stored values it gives back are the file's."""
+    paths = bi.write_series(tmp_path / "study", transfer_syntax=SYNTAXES["JPEG-LS Lossless"], rescale_slope=0.5,
+                            rescale_intercept=-1100.0)
+    assert float(pydicom.dcmread(paths[0], stop_before_pixels=True).RescaleSlope) == 0.5
+    scan = ctio.load_scan(tmp_path / "study")
+    assert scan.meta["pixel_decoder"] == "gdcm"
+    assert_matches_phantom(scan, phantom)
+
+
+def test_noisy_gdcm_decoding_is_redone_by_pydicom(phantom, tmp_path: Path, monkeypatch):
+    """A decoder that writes on stderr while GDCM decodes (libjpeg's "Corrupt JPEG data", after which it
+    goes on) sends the whole series to pydicom, which refuses corrupt data."""
+    bi.write_series(tmp_path / "study", transfer_syntax=SYNTAXES["JPEG-LS Lossless"])
+    gdcm_values = ctio._gdcm_stored_values
+
+    def noisy(*args):
+        os.write(2, b"Corrupt JPEG data: premature end of data segment\n")
+        return gdcm_values(*args)
+
+    monkeypatch.setattr(ctio, "_gdcm_stored_values", noisy)
+    scan = ctio.load_scan(tmp_path / "study")
+    assert scan.meta["pixel_decoder"] == "pydicom"
+    assert_matches_phantom(scan, phantom)
+
+
+@pytest.mark.parametrize("name", ["ricord-1a-000082", "abdomen-jpeg2000"])
+def test_real_jpeg_series_decode_the_same_with_gdcm_and_pydicom(name: str, shared_data: Path, monkeypatch):
+    """The real JPEG Lossless and JPEG 2000 series: GDCM (threads in parallel) and pydicom give the same HU."""
+    folder = shared_data / "real-ct" / name
+    if not folder.is_dir():
+        pytest.skip(f"{name} is not in ../shared/data/real-ct")
+    fast = ctio.load_scan(folder)
+    monkeypatch.setattr(ctio, "GDCM_SYNTAXES", frozenset())
+    reference = ctio.load_scan(folder)
+    assert (fast.meta["pixel_decoder"], reference.meta["pixel_decoder"]) == ("gdcm", "pydicom")
+    np.testing.assert_array_equal(fast.hu, reference.hu)
+    assert fast.spacing_mm == reference.spacing_mm and fast.origin_mm == reference.origin_mm
 
 
 def test_rle_and_jpegls_at_least_are_available():

@@ -98,6 +98,13 @@ MAX_MATRIX = 4096
 SLICE_GAP_TOLERANCE = 0.1
 #: Range of RescaleSlope accepted for CT (usually 1; stored values of 8 to 32 bits map to HU).
 MIN_RESCALE_SLOPE, MAX_RESCALE_SLOPE = 1e-3, 1e3
+#: Lossless JPEG-family transfer syntaxes whose single-frame slices are decoded by GDCM (through
+#: SimpleITK), which releases the GIL so that threads decode in parallel; pydicom's plugins for them
+#: (pylibjpeg, pyjpegls) hold it. Lossless, so both decoders give the same stored values (the tests
+#: compare them); lossy syntaxes (JPEG baseline) stay with pydicom. JPEG Lossless, JPEG Lossless SV1,
+#: JPEG-LS Lossless, JPEG 2000 Lossless.
+GDCM_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80",
+                           "1.2.840.10008.1.2.4.90"})
 #: Transfer syntaxes newer than pydicom's dictionary, named in error messages.
 _SYNTAX_NAMES = {
     "1.2.840.10008.1.2.4.110": "JPEG XL Lossless",
@@ -579,6 +586,7 @@ class _Slice:
     intercept: float
     pixels: np.ndarray  # (rows, cols) stored values
     header: pydicom.Dataset
+    decoder: str = "pydicom"  # who decoded the pixel data: "pydicom" or "gdcm" (SimpleITK)
 
     @property
     def pixel_format(self) -> tuple[Any, ...]:
@@ -674,6 +682,40 @@ def _pixels(ds: pydicom.Dataset, path: Path) -> np.ndarray:
     return pixels
 
 
+def _gdcm_decodes(ds: pydicom.Dataset) -> bool:
+    """A single-frame slice with pixel data in a :data:`GDCM_SYNTAXES` transfer syntax."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(_tag(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
+    return (syntax in GDCM_SYNTAXES and "PixelData" in ds and "PerFrameFunctionalGroupsSequence" not in ds
+            and _as_int(_tag(ds, "NumberOfFrames"), 1) == 1)
+
+
+def _gdcm_stored_values(path: Path, shape: tuple[int, int], slope: float, intercept: float) -> np.ndarray | None:
+    """Stored values (rows, cols) of a slice decoded by GDCM through SimpleITK (see :data:`GDCM_SYNTAXES`),
+    as int16, uint16 or int32, the first that holds them; None where GDCM cannot decode it (pydicom then
+    decodes it, or says why not).
+
+    GDCM applies RescaleSlope / RescaleIntercept; they are inverted here, and values that are not then
+    whole numbers, or another shape than the header's, also give None.
+    """
+    try:
+        image = sitk.ReadImage(str(path), sitk.sitkFloat64)
+    except RuntimeError:
+        return None
+    values = sitk.GetArrayViewFromImage(image)
+    if values.shape != (1, *shape):
+        return None
+    stored = (values[0] - intercept) / slope
+    whole = np.rint(stored)
+    if np.abs(stored - whole).max() > 1e-3:
+        return None
+    low, high = whole.min(), whole.max()
+    for dtype in (np.int16, np.uint16, np.int32):
+        if np.iinfo(dtype).min <= low and high <= np.iinfo(dtype).max:
+            return whole.astype(dtype)
+    return None
+
+
 def _rescale(source: Any, path: Path, where: str = "") -> tuple[float, float]:
     """(RescaleSlope, RescaleIntercept) of a slice or frame, defaults (1, 0) when absent."""
     out = []
@@ -702,15 +744,25 @@ def _check_orientation(orientation: tuple[float, ...], path: Path, where: str = 
                             path)
 
 
-def _slices_from_file(path: Path) -> list[_Slice]:
-    """One or more slices (Enhanced CT multi-frame files hold many) from a DICOM file."""
+def _slices_from_file(path: Path, gdcm: bool = True) -> list[_Slice]:
+    """One or more slices (Enhanced CT multi-frame files hold many) from a DICOM file.
+
+    With ``gdcm``, a slice in a :data:`GDCM_SYNTAXES` syntax is decoded by GDCM (:func:`_gdcm_stored_values`)
+    once its header has passed the checks; otherwise, and where GDCM fails, by pydicom.
+    """
     try:
         ds = pydicom.dcmread(path, force=True)
     except PermissionError:
         raise InputError("permission denied", path) from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many exception types on malformed files
         raise InputError(f"unreadable DICOM file: {_first_line(exc)}", path) from None
-    pixels = _pixels(ds, path)
+    pixels = None
+    if gdcm and _gdcm_decodes(ds):
+        _, rows, cols = _check_size(ds, path)
+        pixels = _gdcm_stored_values(path, (rows, cols), *_rescale(ds, path))
+    decoder = "pydicom" if pixels is None else "gdcm"
+    if pixels is None:
+        pixels = _pixels(ds, path)
     if "PerFrameFunctionalGroupsSequence" in ds:
         return _enhanced_slices(ds, pixels, path)
     if pixels.ndim != 2:
@@ -730,7 +782,7 @@ def _slices_from_file(path: Path) -> list[_Slice]:
     _check_orientation(orientation, path)
     slope, intercept = _rescale(ds, path)
     del ds.PixelData
-    return [_Slice(path, np.asarray(position), orientation, spacing, slope, intercept, pixels, ds)]
+    return [_Slice(path, np.asarray(position), orientation, spacing, slope, intercept, pixels, ds, decoder)]
 
 
 def _enhanced_slices(ds: pydicom.Dataset, pixels: np.ndarray, path: Path) -> list[_Slice]:
@@ -770,10 +822,22 @@ def _enhanced_slices(ds: pydicom.Dataset, pixels: np.ndarray, path: Path) -> lis
     return out
 
 
-def _read_slices(files: list[Path], workers: int | None = None) -> list[_Slice]:
+def _read_slices(files: list[Path], workers: int | None = None, gdcm: bool = True) -> list[_Slice]:
     workers = workers or min(8, (os.cpu_count() or 2) * 2, max(1, len(files)))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return [s for group in pool.map(_slices_from_file, files) for s in group]
+        return [s for group in pool.map(lambda path: _slices_from_file(path, gdcm), files) for s in group]
+
+
+def _decode_series(files: list[Path]) -> list[_Slice]:
+    """The slices of ``files``. Where GDCM decoded slices and a decoder wrote to stderr meanwhile (libjpeg
+    reports corrupt data there and goes on), the series is decoded again by pydicom alone, which raises
+    where its decoder finds the data corrupt (the error the user then sees)."""
+    with _quiet_stderr() as said:  # decoders written in C or Rust print on stderr when data is corrupt
+        slices = _read_slices(files)
+    if said and any(s.decoder == "gdcm" for s in slices):
+        with _quiet_stderr():
+            slices = _read_slices(files, gdcm=False)
+    return slices
 
 
 def _order_slices(slices: list[_Slice], root: Path) -> tuple[list[_Slice], float, np.ndarray]:
@@ -883,8 +947,7 @@ def load_dicom_series(root: str | Path, series_uid: str | None = None,
         raise InputError(f"series of {info.n_images} images declares {info.declared_bytes / 1e9:.1f} GB of pixel "
                          f"data, more than the {MAX_VOLUME_BYTES / 2**30:.0f} GiB limit", root)
     try:
-        with _quiet_stderr():  # decoders written in C or Rust print on stderr when data is corrupt
-            slices = _read_slices(info.files)
+        slices = _decode_series(info.files)
         slices, dz, normal = _order_slices(slices, root)
     except GeometryError as exc:
         if found.corrupt:  # the corrupt file is probably the slice that is missing
@@ -899,20 +962,20 @@ def load_dicom_series(root: str | Path, series_uid: str | None = None,
     row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
     direction = np.stack([row, col, normal], axis=1)  # columns: x (along a row), y, z index axes
     dy, dx = first.pixel_spacing
-    image = sitk.GetImageFromArray(hu)
+    geometry = sitk.Image([1, 1, 1], sitk.sitkInt16)  # the series' grid, checked by SimpleITK; voxels in hu
     try:
-        image.SetSpacing((float(dx), float(dy), float(dz)))
-        image.SetOrigin(tuple(float(v) for v in first.position))
-        image.SetDirection(tuple(float(v) for v in direction.ravel()))
+        geometry.SetSpacing((float(dx), float(dy), float(dz)))
+        geometry.SetOrigin(tuple(float(v) for v in first.position))
+        geometry.SetDirection(tuple(float(v) for v in direction.ravel()))
     except RuntimeError as exc:
         raise GeometryError(f"invalid geometry: {_first_line(exc)}", root) from None
     meta = _series_meta(info, first.header, root)
     meta["series_choice"] = choice.reason
     meta["kernel_class"] = choice.kernel_class
     meta["source_files"] = [str(s.path) for s in slices]
+    meta["pixel_decoder"] = "+".join(sorted({s.decoder for s in slices}))
     _check_rescale_groups(slices, hu)
-    del hu
-    scan = _scan_from_image(image, meta, root)
+    scan = _scan_from_image(geometry, meta, root, voxels=hu)
     check_hounsfield(scan.hu, root)
     scan.source_datasets = [s.header for s in slices] if scan.meta["reoriented_from"] is None else []
     if info.uid_missing:  # said once the series has loaded (an error stays the only line on stderr)
@@ -940,15 +1003,25 @@ def _check_rescale_groups(slices: list[_Slice], hu: np.ndarray) -> None:
                                    f"{exc.reason}", slices[ks[0]].path) from None
 
 
-def _scan_from_image(image: sitk.Image, meta: dict[str, Any], path: Path | None = None) -> Scan:
-    """A Scan in LPS orientation from a SimpleITK image; records the original orientation."""
+def _scan_from_image(image: sitk.Image, meta: dict[str, Any], path: Path | None = None,
+                     voxels: np.ndarray | None = None) -> Scan:
+    """A Scan in LPS orientation from a SimpleITK image; records the original orientation.
+
+    ``voxels``: the (z, y, x) voxels when ``image`` carries the geometry only; used as they are (no
+    copy) when the grid is already LPS.
+    """
     original = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
     meta = dict(meta)
     meta["original_direction"] = list(image.GetDirection())
     meta["reoriented_from"] = None if original == "LPS" else original
+    if voxels is not None and original != "LPS":
+        geometry, image = image, sitk.GetImageFromArray(voxels)
+        image.SetSpacing(geometry.GetSpacing())
+        image.SetOrigin(geometry.GetOrigin())
+        image.SetDirection(geometry.GetDirection())
     if original != "LPS":
         image = sitk.DICOMOrient(image, "LPS")
-    hu = sitk.GetArrayFromImage(image)
+    hu = voxels if voxels is not None and original == "LPS" else sitk.GetArrayFromImage(image)
     if hu.dtype != np.int16:
         if hu.dtype.kind == "f" and not np.isfinite(hu).all():
             raise InputError("image holds NaN or infinite values", path)

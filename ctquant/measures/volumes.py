@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy import ndimage as ndi
 
+from ..segment.grid import bounding_box
 from ..segment.lesions import CONSOLIDATION, GGO
 from ..segment.lungs import LEFT, RIGHT
 
@@ -31,9 +31,9 @@ def lung_measures(hu: np.ndarray, lung_labels: np.ndarray, lesion_labels: np.nda
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     counts = np.zeros((3, 3), dtype=np.int64)
     hu_sums = np.zeros(3, dtype=np.float64)
-    if lung_labels.any():
+    box = bounding_box(lung_labels)
+    if box is not None:
         # Inside the lungs' bounding box: counts per (lung, lesion) label pair, HU sums per lung.
-        box = ndi.find_objects((lung_labels > 0).astype(np.uint8))[0]
         lungs, lesions, hu = lung_labels[box], lesion_labels[box], hu[box]
         pair = lungs * np.uint8(3) + np.minimum(lesions, 2)
         counts = np.bincount(pair.ravel(), minlength=9).reshape(3, 3)
@@ -75,19 +75,29 @@ def quality_flags(lung_labels: np.ndarray, measures: dict[str, dict[str, float]]
     total = measures["both"]["lung_volume_ml"]
     if total < bounds.get("min_lung_volume_ml", 1500) or total > bounds.get("max_lung_volume_ml", 9000):
         flags.append(f"implausible_lung_volume: {total:.0f} mL")
+    box = bounding_box(lung_labels)
     for side, label in (("right", RIGHT), ("left", LEFT)):
-        if measures[side]["lung_volume_ml"] == 0:
+        if measures[side]["lung_volume_ml"] == 0 or box is None:
             flags.append(f"{side}_lung_not_found")
             continue
-        lung = lung_labels == label
+        lung = lung_labels[box] == label  # this lung within the lungs' box
         area = lung.sum(axis=(1, 2))
         peak = area.max()
         cut = []
-        if area[0] > 0.05 * peak or area[-1] > 0.05 * peak:
+        ends = [area[0] if box[0].start == 0 else 0, area[-1] if box[0].stop == lung_labels.shape[0] else 0]
+        if max(ends) > 0.05 * peak:
             cut.append("z")
-        edges = np.concatenate([lung[:, 0, :].ravel(), lung[:, -1, :].ravel(), lung[:, :, 0].ravel(),
-                                lung[:, :, -1].ravel()])
-        if edges.any():
+        _, ny, nx = lung_labels.shape
+        edges = []  # the image's edge lines, where the box reaches them
+        if box[1].start == 0:
+            edges.append(lung[:, 0, :])
+        if box[1].stop == ny:
+            edges.append(lung[:, -1, :])
+        if box[2].start == 0:
+            edges.append(lung[:, :, 0])
+        if box[2].stop == nx:
+            edges.append(lung[:, :, -1])
+        if any(edge.any() for edge in edges):
             cut.append("in-plane")
         if cut:
             flags.append(f"{side}_lung_cut_by_field_of_view: {'/'.join(cut)}")

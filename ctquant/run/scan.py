@@ -201,6 +201,7 @@ def analyse_scan(scan: Scan, *, method: str = "model", device: str = "cpu", conf
             "spacing_mm": [round(s, 6) for s in scan.spacing_mm],
             "shape": list(scan.hu.shape),
             "device": device,
+            "pixel_decoder": scan.meta.get("pixel_decoder"),
             "software": software_versions(),
             "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         },
