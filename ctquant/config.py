@@ -114,15 +114,19 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-@functools.lru_cache(maxsize=1)
-def code_sha256() -> str:
-    """A short SHA-256 of the ctquant package's code (Python files and report templates).
+@functools.lru_cache(maxsize=4)
+def code_sha256(files: tuple[str, ...] | None = None) -> str:
+    """A short SHA-256 of the ctquant package's code (Python files and report templates), or of the
+    package ``files`` named (paths relative to the package, e.g. the lung step's modules).
 
     Results record it, and ``ctquant batch`` recomputes results made by other code even when the
     version number is the same (a development checkout, a patched install).
     """
     digest = hashlib.sha256()
-    files = sorted(p for p in PACKAGE_DIR.rglob("*") if p.is_file() and p.suffix in (".py", ".html", ".css", ".j2"))
+    if files is None:
+        files = sorted(p for p in PACKAGE_DIR.rglob("*") if p.is_file() and p.suffix in (".py", ".html", ".css", ".j2"))
+    else:
+        files = sorted(PACKAGE_DIR / name for name in files)
     for path in files:
         digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode() + b"\0")
         digest.update(path.read_bytes())

@@ -162,6 +162,46 @@ def real_case_rows(scan_name: str, root: Path, hybrid_seed: int, model: LesionMo
     return rows
 
 
+def _span(values: list[float], spec: str) -> str:
+    low, high = format(min(values), spec), format(max(values), spec)
+    return low if low == high else f"{low}–{high}"
+
+
+def accuracy_record(rows: list[dict]) -> dict:
+    """``configs/lung_accuracy.json`` from the ``--real`` rows: per-case figures, their ranges and the lines
+    that every report shows, for the lung code that measured them (:data:`ctquant.segment.lungs.CODE_FILES`)."""
+    from ctquant import __version__
+    from ctquant.config import code_sha256
+    from ctquant.segment.lungs import CODE_FILES
+
+    clean = [r for r in rows if "consolidation_kept_pct" not in r]
+    hybrids = [r for r in rows if "consolidation_kept_pct" in r]
+    keys = ("dice_both", "dice_right", "dice_left", "volume_error_pct", "leak_pct", "leak_on_reference_slices_pct")
+    lines = [f"Lungs: on {len(clean)} real chest CTs without pneumonia (reference lung masks) Dice "
+             f"{_span([r['dice_both'] for r in clean], '.3f')} (each lung ≥ "
+             f"{min(min(r['dice_right'], r['dice_left']) for r in clean):.3f}), lung volume outside the reference "
+             f"{_span([r['leak_pct'] for r in clean], '.1f')} % of it."]
+    if hybrids:
+        lines.append(
+            f"Dense lung: with pneumonia painted into the same scans ({len(hybrids)} cases), "
+            f"{_span([r['consolidation_kept_pct'] for r in hybrids], '.0f')} % of the airless consolidation "
+            f"(+20 … +50 HU) is inside the lung mask (lung Dice {_span([r['dice_both'] for r in hybrids], '.2f')}): "
+            "where consolidation is extensive, the lung volume is too small and consolidation is undercounted. "
+            "Look at the QC picture.")
+    return {
+        "what": "Measured accuracy of the lung step on real CT, shown in every report: python "
+                "scripts/evaluate_lungs.py --real --record-accuracy (../shared/data/real-ct, "
+                "configs/real_ct_references.json).",
+        "lung_code_sha256": code_sha256(CODE_FILES),
+        "lung_code_files": list(CODE_FILES),
+        "ctquant_version": __version__,
+        "measured_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cases": {r["case"]: {k: r[k] for k in keys + ("consolidation_kept_pct",) if k in r} for r in rows},
+        "lines": lines,
+        "see": "README.md, Accuracy: Lungs on real CT.",
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pred", type=Path, help="predicted lung labels (1 right, 2 left)")
@@ -176,9 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hybrid-seed", type=int, default=1, help="seed of the painted pneumonia (--real)")
     parser.add_argument("--no-model", action="store_true", help="--real without the lesion model's figures")
     parser.add_argument("--json", type=Path, help="write the rows as JSON here")
+    parser.add_argument("--record-accuracy", action="store_true",
+                        help="with --real: write the figures to configs/lung_accuracy.json (shown in every report)")
     args = parser.parse_args(argv)
+    if args.record_accuracy and not args.real:
+        parser.error("--record-accuracy needs --real")
 
     rows: list[dict] = []
+    real_rows: list[dict] = []
     if args.pred or args.ref:
         if not (args.pred and args.ref):
             parser.error("--pred and --ref go together")
@@ -197,13 +242,18 @@ def main(argv: list[str] | None = None) -> int:
         if not names:
             print(f"no real CT with lung masks under {root}", file=sys.stderr)
             return 3
+        if args.record_accuracy and len(names) < len(reference_entries()):
+            print(f"--record-accuracy: only {len(names)} of the {len(reference_entries())} registered scans are "
+                  f"under {root}", file=sys.stderr)
+            return 3
         model = None
         if not args.no_model:
             from ctquant.segment.lesion_model import load_lesion_model
 
             model = load_lesion_model()
         for name in names:
-            rows += real_case_rows(name, root, args.hybrid_seed, model)
+            real_rows += real_case_rows(name, root, args.hybrid_seed, model)
+        rows += real_rows
     if not rows:
         parser.error("nothing to evaluate: give --real, --pred/--ref or --phantoms")
 
@@ -213,6 +263,14 @@ def main(argv: list[str] | None = None) -> int:
         print(" | ".join(str(row.get(c, "")) for c in columns))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    if args.record_accuracy:
+        from ctquant.config import CONFIG_DIR
+        from ctquant.outputs.atomic import atomic_write_text
+
+        record = accuracy_record(real_rows)
+        text = json.dumps(record, indent=2, ensure_ascii=False) + "\n"
+        path = atomic_write_text(CONFIG_DIR / "lung_accuracy.json", text)
+        print(f"wrote {path}")
     return 0
 
 

@@ -4,6 +4,7 @@ pneumonia painted in, image-edge and no-lung cases. Tests needing the shared dat
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 from pathlib import Path
 
@@ -51,6 +52,30 @@ MAX_LEAK_PCT = {  # scan of configs/real_ct_references.json: (all slices, the re
 }
 
 
+LUNG_ACCURACY = Path(__file__).resolve().parents[1] / "configs" / "lung_accuracy.json"
+
+
+def test_recorded_lung_accuracy_is_for_the_running_lung_code(tmp_path):
+    """configs/lung_accuracy.json (shown in every report) was measured with the lung code of this tree; a
+    change to the lung step must re-measure it (scripts/evaluate_lungs.py --real --record-accuracy), and a
+    report made by other lung code says its lungs are unvalidated."""
+    from ctquant.config import code_sha256
+    from ctquant.outputs import reports
+    from ctquant.segment.lungs import CODE_FILES
+
+    record = json.loads(LUNG_ACCURACY.read_text())
+    assert record["lung_code_sha256"] == code_sha256(CODE_FILES) and record["lung_code_files"] == list(CODE_FILES)
+    assert sorted(c for c in record["cases"] if " + " not in c) == sorted(
+        _scripts_module("real_ct").case_name(scan) for scan in MAX_LEAK_PCT)
+    lines = reports.lung_accuracy_lines()
+    assert lines == record["lines"] and "0.970–0.987" in lines[0] and "13–56 %" in lines[1]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**record, "lung_code_sha256": "0" * 16}))
+    assert "unvalidated" in reports.lung_accuracy_lines(other)[0]
+    html = reports.render_scan_report({"method": "hu", "subject_id": "S1", "lungs": {}, "provenance": {}})
+    assert "How far to trust these numbers" in html and record["lines"][1] in html
+
+
 def test_every_registered_real_scan_has_leak_bounds():
     assert sorted(MAX_LEAK_PCT) == sorted(e["scan"] for e in _scripts_module("real_ct").reference_entries())
 
@@ -68,6 +93,10 @@ def test_real_lungs_against_reference(shared_data, scan):
         assert _dice(labels == side, ref == side) >= 0.95
     assert evaluate.leak_pct(labels, ref) <= max_leak_pct
     assert evaluate.leak_pct(labels, ref, reference_slices_only=True) <= max_leak_on_reference_slices_pct
+    # the figures every report shows (configs/lung_accuracy.json) are this code's
+    recorded = json.loads(LUNG_ACCURACY.read_text())["cases"][_scripts_module("real_ct").case_name(scan)]
+    assert _dice(labels > 0, ref > 0) == pytest.approx(recorded["dice_both"], abs=2e-4)
+    assert evaluate.leak_pct(labels, ref) == pytest.approx(recorded["leak_pct"], abs=0.01)
 
 
 def test_leak_on_reference_slices_leaves_out_slices_the_reference_omits():

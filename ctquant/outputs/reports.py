@@ -138,7 +138,28 @@ def _now() -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-# -- how far to trust the lesion numbers: the measured accuracy recorded in the model card metadata ---
+# -- how far to trust the numbers: the lung step's measured accuracy (configs/lung_accuracy.json) and the
+# lesion method's (the model card metadata) ---
+def lung_accuracy_lines(record_path: str | Path | None = None) -> list[str]:
+    """Plain-text lines on the measured accuracy of the lung step on real CT.
+
+    Read from ``configs/lung_accuracy.json`` (``scripts/evaluate_lungs.py --real --record-accuracy``);
+    shown only when its ``lung_code_sha256`` is the hash of the lung code running now
+    (:data:`ctquant.segment.lungs.CODE_FILES`).
+    """
+    from ..config import CONFIG_DIR, code_sha256
+    from ..segment.lungs import CODE_FILES
+
+    try:
+        record = json.loads(Path(record_path or CONFIG_DIR / "lung_accuracy.json").read_text())
+    except (OSError, ValueError):
+        record = {}
+    if not record.get("lines") or record.get("lung_code_sha256") != code_sha256(CODE_FILES):
+        return ["No measured accuracy is recorded for this version of the lung step (its code differs from the "
+                "code that was measured): treat the lung masks, and every % of lung, as unvalidated."]
+    return list(record["lines"])
+
+
 def lesion_accuracy_lines(method: str | None, model_sha256: str | None,
                           metadata_path: str | Path | None = None) -> list[str]:
     """Plain-text lines on the measured accuracy of this scan's lesion method.
@@ -237,7 +258,8 @@ def scan_context(measures: dict[str, Any], qc_png: bytes | str | Path | None = N
         "relpath": relpath,
         "anchor": anchor,
         "signature": (measures.get("method"), prov.get("model_sha256"), prov.get("config_sha256")),
-        "accuracy": lesion_accuracy_lines(measures.get("method") or prov.get("method"), prov.get("model_sha256")),
+        "accuracy": lung_accuracy_lines() + lesion_accuracy_lines(measures.get("method") or prov.get("method"),
+                                                                   prov.get("model_sha256")),
     }
 
 

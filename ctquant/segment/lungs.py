@@ -42,6 +42,9 @@ from .grid import block_mean_edge, bounding_box, coarse_factors, upsample_blocks
 log = logging.getLogger(__name__)
 
 RIGHT, LEFT = 1, 2
+#: The modules (relative to the package) whose code makes the lung masks: the lung accuracy recorded in
+#: ``configs/lung_accuracy.json`` holds for the code whose hash (:func:`ctquant.config.code_sha256`) it names.
+CODE_FILES = ("segment/lungs.py", "segment/grid.py")
 
 #: In-plane 2D connectivity expressed as a 3D structure (no links between slices).
 _SLICEWISE = np.zeros((3, 3, 3), dtype=bool)
