@@ -27,6 +27,7 @@ import numpy as np
 
 from ..version import __version__
 from .dicomseg import COLOURS
+from ..segment.grid import bounding_box
 from ..segment.lesions import CONSOLIDATION, GGO
 from ..segment.lungs import LEFT, RIGHT
 
@@ -47,6 +48,16 @@ def _hex(rgb: tuple[int, int, int]) -> str:
     return "#%02x%02x%02x" % rgb
 
 
+def _lung_box_sums(labels: np.ndarray, lung_labels: np.ndarray, axis: int) -> np.ndarray:
+    """Non-zero voxels of ``labels`` per index along ``axis``, counted within the lungs' bounding box
+    (lesion labels lie inside the lungs)."""
+    out = np.zeros(labels.shape[axis], dtype=np.int64)
+    box = bounding_box(lung_labels)
+    if box is not None:
+        out[box[axis]] = np.count_nonzero(labels[box], axis=tuple(a for a in range(3) if a != axis))
+    return out
+
+
 def pick_axial_slices(lung_labels: np.ndarray, lesion_labels: np.ndarray, n: int = 12) -> list[int]:
     """``n`` axial slice indices spread over the lungs (the slices holding at least 5 % of the largest
     lung cross-section; the whole volume if no lung was found).
@@ -54,14 +65,14 @@ def pick_axial_slices(lung_labels: np.ndarray, lesion_labels: np.ndarray, n: int
     The slice with the largest opacity area (if any) replaces the nearest pick. Returned in display
     order: superior (apex) first.
     """
-    area = (lung_labels > 0).sum(axis=(1, 2))
+    area = _lung_box_sums(lung_labels, lung_labels, axis=0)
     zs = np.flatnonzero(area >= 0.05 * area.max()) if area.any() else np.array([], int)  # skip slivers
     lo, hi = (int(zs[0]), int(zs[-1])) if zs.size else (0, lung_labels.shape[0] - 1)
     span = hi - lo
     n = max(1, min(n, span + 1))
     inset = 0.04 * span
     picks = [int(round(v)) for v in np.linspace(lo + inset, hi - inset, n)]
-    opacity = (lesion_labels > 0).sum(axis=(1, 2))
+    opacity = _lung_box_sums(lesion_labels, lung_labels, axis=0)
     if opacity.any():
         worst = int(np.argmax(opacity))
         if worst not in picks:
@@ -73,34 +84,38 @@ def pick_axial_slices(lung_labels: np.ndarray, lesion_labels: np.ndarray, n: int
 def pick_coronal_row(lung_labels: np.ndarray, lesion_labels: np.ndarray) -> int:
     """The coronal plane (y index) to show: among the rows where the lungs are at least half their
     largest coronal area, the one with the most opacity, else the one with the most lung."""
-    lung_area = (lung_labels > 0).sum(axis=(0, 2))
+    lung_area = _lung_box_sums(lung_labels, lung_labels, axis=1)
     if not lung_area.any():
         return lung_labels.shape[1] // 2
     wide = lung_area >= 0.5 * lung_area.max()
-    opacity = np.where(wide, (lesion_labels > 0).sum(axis=(0, 2)), 0)
+    opacity = np.where(wide, _lung_box_sums(lesion_labels, lung_labels, axis=1), 0)
     return int(np.argmax(opacity)) if opacity.any() else int(np.argmax(lung_area))
 
 
-def _crop_box(mask2d_any: np.ndarray, spacing: tuple[float, float], shape: tuple[int, int]) -> tuple[slice, slice]:
-    """Bounding box (rows, columns) of a 2D mask with a margin, or the full plane if it is empty."""
-    if not mask2d_any.any():
+def _crop_box(extent: tuple[slice, slice] | None, spacing: tuple[float, float],
+              shape: tuple[int, int]) -> tuple[slice, slice]:
+    """(rows, columns) ``extent`` of the lungs in a plane with a margin, or the full plane without lungs."""
+    if extent is None:
         return slice(0, shape[0]), slice(0, shape[1])
-    rows, cols = np.flatnonzero(mask2d_any.any(axis=1)), np.flatnonzero(mask2d_any.any(axis=0))
-    pad_r, pad_c = int(np.ceil(MARGIN_MM / spacing[0])), int(np.ceil(MARGIN_MM / spacing[1]))
-    return (slice(max(0, rows[0] - pad_r), min(shape[0], rows[-1] + pad_r + 1)),
-            slice(max(0, cols[0] - pad_c), min(shape[1], cols[-1] + pad_c + 1)))
+    pads = (int(np.ceil(MARGIN_MM / spacing[0])), int(np.ceil(MARGIN_MM / spacing[1])))
+    return tuple(slice(max(0, e.start - pad), min(n, e.stop + pad)) for e, pad, n in zip(extent, pads, shape))
 
 
 def _draw(ax, image: np.ndarray, lungs: np.ndarray, lesions: np.ndarray, aspect: float, title: str,
           markers: dict[str, str]) -> None:
     ax.imshow(image, cmap="gray", vmin=WINDOW[0], vmax=WINDOW[1], aspect=aspect, interpolation="bilinear",
               origin="upper")
+    from matplotlib.collections import LineCollection
+    from skimage.measure import find_contours
+
     arrays = {"lungs": lungs, "lesions": lesions}
     for key, _label, source, value, width in _LAYERS:
         mask = arrays[source] == value
         if mask.any() and min(mask.shape) > 1:
-            # Default contour origin: Z[i, j] at (x=j, y=i), the same pixel centres as imshow's.
-            ax.contour(mask.astype(np.float32), levels=[0.5], colors=[_hex(COLOURS[key])], linewidths=width)
+            # Marching squares at 0.5, as matplotlib's contour draws them (three times faster): (row, col)
+            # points on the pixel centres imshow uses, drawn as (x = col, y = row).
+            lines = [line[:, ::-1] for line in find_contours(mask.astype(np.float32), 0.5)]
+            ax.add_collection(LineCollection(lines, colors=_hex(COLOURS[key]), linewidths=width), autolim=False)
     ax.set_xticks([])
     ax.set_yticks([])
     for spine in ax.spines.values():
@@ -154,12 +169,14 @@ def qc_montage(scan, lung_labels: np.ndarray, lesion_labels: np.ndarray, measure
     hu = scan.hu
     dz, dy, dx = (float(s) for s in scan.spacing_mm)
     picks = pick_axial_slices(lung_labels, lesion_labels, n_axial)
-    lung_any = lung_labels > 0
-    rows_box, cols_box = _crop_box(lung_any.any(axis=0), (dy, dx), hu.shape[1:])
+    box = bounding_box(lung_labels)
+    rows_box, cols_box = _crop_box(None if box is None else box[1:], (dy, dx), hu.shape[1:])
 
     # Coronal plane through the lungs' centre of mass (anterior-posterior), cropped in z and x.
     y_c = pick_coronal_row(lung_labels, lesion_labels)
-    cor_box = _crop_box(lung_any.any(axis=1)[::-1], (dz, dx), (hu.shape[0], hu.shape[2]))
+    n_z = hu.shape[0]
+    cor_extent = None if box is None else (slice(n_z - box[0].stop, n_z - box[0].start), box[2])  # z flipped
+    cor_box = _crop_box(cor_extent, (dz, dx), (n_z, hu.shape[2]))
 
     n_cols = 4
     n_rows = int(np.ceil(len(picks) / n_cols))
