@@ -831,7 +831,9 @@ def _read_slices(files: list[Path], workers: int | None = None, gdcm: bool = Tru
 def _decode_series(files: list[Path]) -> list[_Slice]:
     """The slices of ``files``. Where GDCM decoded slices and a decoder wrote to stderr meanwhile (libjpeg
     reports corrupt data there and goes on), the series is decoded again by pydicom alone, which raises
-    where its decoder finds the data corrupt (the error the user then sees)."""
+    where its decoder finds the data corrupt (the error the user then sees). Any text counts, so headers
+    that make pydicom warn on stderr cost a second decoding too (the CLI sends pydicom's warnings to the
+    debug log, not to stderr)."""
     with _quiet_stderr() as said:  # decoders written in C or Rust print on stderr when data is corrupt
         slices = _read_slices(files)
     if said and any(s.decoder == "gdcm" for s in slices):

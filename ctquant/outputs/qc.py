@@ -103,11 +103,11 @@ def _crop_box(extent: tuple[slice, slice] | None, spacing: tuple[float, float],
 
 def _draw(ax, image: np.ndarray, lungs: np.ndarray, lesions: np.ndarray, aspect: float, title: str,
           markers: dict[str, str]) -> None:
-    ax.imshow(image, cmap="gray", vmin=WINDOW[0], vmax=WINDOW[1], aspect=aspect, interpolation="bilinear",
-              origin="upper")
     from matplotlib.collections import LineCollection
     from skimage.measure import find_contours
 
+    ax.imshow(image, cmap="gray", vmin=WINDOW[0], vmax=WINDOW[1], aspect=aspect, interpolation="bilinear",
+              origin="upper")
     arrays = {"lungs": lungs, "lesions": lesions}
     for key, _label, source, value, width in _LAYERS:
         mask = arrays[source] == value
