@@ -1016,14 +1016,16 @@ def _scan_from_image(image: sitk.Image, meta: dict[str, Any], path: Path | None 
     meta = dict(meta)
     meta["original_direction"] = list(image.GetDirection())
     meta["reoriented_from"] = None if original == "LPS" else original
-    if voxels is not None and original != "LPS":
-        geometry, image = image, sitk.GetImageFromArray(voxels)
-        image.SetSpacing(geometry.GetSpacing())
-        image.SetOrigin(geometry.GetOrigin())
-        image.SetDirection(geometry.GetDirection())
-    if original != "LPS":
+    if original == "LPS":
+        hu = sitk.GetArrayFromImage(image) if voxels is None else voxels
+    else:
+        if voxels is not None:  # the voxels onto the geometry, to reorient them
+            geometry, image = image, sitk.GetImageFromArray(voxels)
+            image.SetSpacing(geometry.GetSpacing())
+            image.SetOrigin(geometry.GetOrigin())
+            image.SetDirection(geometry.GetDirection())
         image = sitk.DICOMOrient(image, "LPS")
-    hu = voxels if voxels is not None and original == "LPS" else sitk.GetArrayFromImage(image)
+        hu = sitk.GetArrayFromImage(image)
     if hu.dtype != np.int16:
         if hu.dtype.kind == "f" and not np.isfinite(hu).all():
             raise InputError("image holds NaN or infinite values", path)

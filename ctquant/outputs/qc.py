@@ -48,11 +48,10 @@ def _hex(rgb: tuple[int, int, int]) -> str:
     return "#%02x%02x%02x" % rgb
 
 
-def _lung_box_sums(labels: np.ndarray, lung_labels: np.ndarray, axis: int) -> np.ndarray:
-    """Non-zero voxels of ``labels`` per index along ``axis``, counted within the lungs' bounding box
-    (lesion labels lie inside the lungs)."""
+def _box_sums(labels: np.ndarray, box: tuple[slice, ...] | None, axis: int) -> np.ndarray:
+    """Non-zero voxels of ``labels`` per index along ``axis``, counted within ``box`` (the lungs' bounding
+    box: lesion labels lie inside the lungs); all zero when there is no box."""
     out = np.zeros(labels.shape[axis], dtype=np.int64)
-    box = bounding_box(lung_labels)
     if box is not None:
         out[box[axis]] = np.count_nonzero(labels[box], axis=tuple(a for a in range(3) if a != axis))
     return out
@@ -65,14 +64,15 @@ def pick_axial_slices(lung_labels: np.ndarray, lesion_labels: np.ndarray, n: int
     The slice with the largest opacity area (if any) replaces the nearest pick. Returned in display
     order: superior (apex) first.
     """
-    area = _lung_box_sums(lung_labels, lung_labels, axis=0)
+    box = bounding_box(lung_labels)
+    area = _box_sums(lung_labels, box, axis=0)
     zs = np.flatnonzero(area >= 0.05 * area.max()) if area.any() else np.array([], int)  # skip slivers
     lo, hi = (int(zs[0]), int(zs[-1])) if zs.size else (0, lung_labels.shape[0] - 1)
     span = hi - lo
     n = max(1, min(n, span + 1))
     inset = 0.04 * span
     picks = [int(round(v)) for v in np.linspace(lo + inset, hi - inset, n)]
-    opacity = _lung_box_sums(lesion_labels, lung_labels, axis=0)
+    opacity = _box_sums(lesion_labels, box, axis=0)
     if opacity.any():
         worst = int(np.argmax(opacity))
         if worst not in picks:
@@ -84,11 +84,12 @@ def pick_axial_slices(lung_labels: np.ndarray, lesion_labels: np.ndarray, n: int
 def pick_coronal_row(lung_labels: np.ndarray, lesion_labels: np.ndarray) -> int:
     """The coronal plane (y index) to show: among the rows where the lungs are at least half their
     largest coronal area, the one with the most opacity, else the one with the most lung."""
-    lung_area = _lung_box_sums(lung_labels, lung_labels, axis=1)
+    box = bounding_box(lung_labels)
+    lung_area = _box_sums(lung_labels, box, axis=1)
     if not lung_area.any():
         return lung_labels.shape[1] // 2
     wide = lung_area >= 0.5 * lung_area.max()
-    opacity = np.where(wide, _lung_box_sums(lesion_labels, lung_labels, axis=1), 0)
+    opacity = np.where(wide, _box_sums(lesion_labels, box, axis=1), 0)
     return int(np.argmax(opacity)) if opacity.any() else int(np.argmax(lung_area))
 
 
