@@ -70,8 +70,10 @@ def run_ctquant(path: str, method: str, device: str) -> dict[str, Any]:
     """ctquant's own pipeline, stage by stage (run in a fresh process)."""
     from ctquant.io.scans import find_series, load_dicom_series
     from ctquant.config import resolve_device
+    from ctquant.run.batch import reuse_freed_memory
     from ctquant.run.scan import analyse_scan, write_results
 
+    reuse_freed_memory()  # as `ctquant quantify` and batch workers do
     device = resolve_device(device)
     _warm_up_decoders()
     model = None

@@ -597,3 +597,47 @@ def test_ctrl_c_stops_a_parallel_batch_at_once_and_cleanly(scans, reference, tmp
     again = run_batch(scans / "manifest.csv", out, method="hu", device="cpu", endpoints=False)
     assert [r.status for r in again.records] == ["skipped", "skipped", "ok", "ok"]
     assert_same(cohort(out)[MEASURE_COLUMNS], cohort(reference)[MEASURE_COLUMNS])
+
+
+_MMAPPED_BLOCKS_AFTER_FREE = textwrap.dedent("""
+    import ctypes, sys
+    import numpy as np
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
+    if sys.argv[1] == "tuned":
+        from ctquant.run.batch import reuse_freed_memory
+        assert reuse_freed_memory()
+    mapped = []
+    for _ in range(3):  # 48 MB buffers, allocated and freed as the pipeline's temporaries are
+        buffer = np.ones(48 << 20, dtype=np.uint8)
+        mapped.append(libc.mallinfo2().hblks)
+        del buffer
+    print(libc.mallinfo2().hblks, max(mapped), libc.mallinfo2().fordblks >> 20)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_reuse_freed_memory_keeps_large_buffers_in_the_heap():
+    """glibc maps every 48 MB buffer (above its 32 MB dynamic limit) and unmaps it on free; after
+    reuse_freed_memory the buffers come from the heap and the freed memory stays there for the next."""
+    import ctypes
+
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("no glibc >= 2.33 mallinfo2 to observe the heap")
+    runs = {}
+    for mode in ("default", "tuned"):
+        out = subprocess.run([sys.executable, "-c", _MMAPPED_BLOCKS_AFTER_FREE, mode], capture_output=True,
+                             text=True, check=True)
+        runs[mode] = [int(v) for v in out.stdout.split()]
+    default_mapped_now, default_mapped_peak, default_free_mb = runs["default"]
+    tuned_mapped_now, tuned_mapped_peak, tuned_free_mb = runs["tuned"]
+    assert default_mapped_peak == default_mapped_now + 1  # each buffer its own mapping, gone on free
+    assert default_free_mb < 48
+    assert tuned_mapped_peak == tuned_mapped_now  # no new mapping: from the heap
+    assert tuned_free_mb >= 48  # and kept there, free, for the next buffer
