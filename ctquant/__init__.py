@@ -27,7 +27,9 @@ The Python API (for notebooks; imported on first use, so ``import ctquant`` stay
 
 Cohorts: :func:`run_cohort` (``ctquant batch``), :func:`run_endpoints` (``ctquant endpoints``),
 :func:`run_compare` (``ctquant compare``), :func:`run_mask_agreement` / :func:`run_table_agreement`
-(``ctquant agree``), :func:`write_cohort_report` (``ctquant report``).
+(``ctquant agree``), :func:`write_cohort_report` (``ctquant report``). A script that quantifies many
+scans in one process can call :func:`reuse_freed_memory` once first, as the commands do (faster lesion
+network; README "Performance").
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ _API = {
     "run_mask_agreement": "ctquant.trial.agreement",
     "run_table_agreement": "ctquant.trial.agreement",
     "write_cohort_report": "ctquant.outputs.reports",
+    "reuse_freed_memory": "ctquant.run.batch",
 }
 
 __all__ = ["__version__", *_API]
