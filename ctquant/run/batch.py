@@ -532,12 +532,12 @@ def reuse_freed_memory(limit_bytes: int = 1 << 30) -> bool:
     in. Keeping them in the heap took the network from 16.1 to 13.5 ms per slice and the lesion stage
     of the 300-slice benchmark series from 4.75 to 3.20 s (medians, 2-core machine), for about 150 MB
     more peak memory (``scripts/benchmark.py``); the labels are the same.
-    Process-wide and permanent, so only entry points call it (``ctquant quantify``, :func:`run_one`).
-    Returns whether glibc took both settings (``False`` elsewhere, e.g. macOS, musl).
+    Process-wide and permanent, so only entry points call it (``ctquant quantify``, :func:`run_one`, a
+    user's script). Returns whether glibc took both settings (``False`` elsewhere: macOS, musl, Windows).
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no C library by that name, no mallopt (Windows: no CDLL(None))
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     limit = int(min(limit_bytes, 2**31 - 1))
