@@ -219,9 +219,8 @@ def quantify(
     from rich.markup import escape
 
     import ctquant
-    from .run.batch import reuse_freed_memory
 
-    reuse_freed_memory()
+    ctquant.reuse_freed_memory()
     with Console(stderr=True).status("starting") as status:
         result = ctquant.quantify(input, out_dir=out, method=method, device=device, subject_id=subject,
                                   timepoint=timepoint, config_path=config, series_uid=series_uid,
