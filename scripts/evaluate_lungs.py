@@ -4,7 +4,8 @@
 Three modes:
 
 - ``--real`` runs every scan of ``../shared/data/real-ct`` that has a reference lung mask, and the
-  hybrids made from each (pneumonia painted in, :mod:`ctquant.synthetic.hybrid`, moderate and severe, seed
+  hybrids made from each (pneumonia painted in, :mod:`ctquant.synthetic.hybrid`, moderate and severe, and
+  moderate painted in front for a prone patient, seed
   ``--hybrid-seed``): Dice (both, right, left), volume error, leak (lung volume outside the reference,
   % of it; also counted on the reference's own slices only, since a reference may leave out an end
   slice that holds lung), and for hybrids the share of painted consolidation inside the lung mask (all
@@ -121,7 +122,7 @@ def kept_pct_by_half(pred: np.ndarray, truth: np.ndarray, ref: np.ndarray) -> di
 
 
 def real_case_rows(scan_name: str, root: Path, hybrid_seed: int, model: LesionModel | None = None) -> list[dict]:
-    """Rows for one registry scan (``configs/real_ct_references.json``) and its moderate and severe hybrids
+    """Rows for one registry scan (``configs/real_ct_references.json``) and its hybrids (moderate, severe, prone)
     (``model``: a loaded lesion model, whose GGO and consolidation on the hybrids are scored too)."""
     from ctquant.config import load_quantify_config
     from ctquant.synthetic.hybrid import CONSOLIDATION, GGO, paint_pneumonia
@@ -132,13 +133,18 @@ def real_case_rows(scan_name: str, root: Path, hybrid_seed: int, model: LesionMo
     name = case_name(scan_name)
     config = load_quantify_config()
     rows = []
-    for severity in (None, "moderate", "severe"):
-        case = paint_pneumonia(scan_hu, ref, spacing_mm, severity=severity, seed=hybrid_seed) if severity else None
+    # The last case stands for a prone patient: its dependent consolidation painted in front, and the lung
+    # step told the patient is prone (the anatomy stays that of a supine scan).
+    for severity, dependent in ((None, "posterior"), ("moderate", "posterior"), ("severe", "posterior"),
+                                ("moderate", "anterior")):
+        case = (paint_pneumonia(scan_hu, ref, spacing_mm, severity=severity, seed=hybrid_seed, dependent=dependent)
+                if severity else None)
         hu = case.hu if case else scan_hu
         t0 = time.perf_counter()
-        pred = segment_lungs(hu, spacing_mm)
+        pred = segment_lungs(hu, spacing_mm, dependent=dependent)
         seconds = time.perf_counter() - t0
-        row = {"case": name + (f" + {severity} pneumonia" if severity else ""), "seconds": round(seconds, 2),
+        label = f" + {severity} pneumonia" + (", prone" if dependent == "anterior" else "") if severity else ""
+        row = {"case": name + label, "seconds": round(seconds, 2),
                **lung_scores(pred, ref, spacing_mm), "leak_pct": leak_pct(pred, ref),
                "leak_on_reference_slices_pct": leak_pct(pred, ref, reference_slices_only=True)}
         if case:

@@ -275,3 +275,32 @@ def test_hu_ggo_patch_in_a_gradient_lung_is_found():
     assert np.count_nonzero(found & patch) >= 0.9 * np.count_nonzero(patch)
     assert np.count_nonzero(found) == pytest.approx(np.count_nonzero(patch), rel=0.10)
     assert _ggo_pct(found.astype(np.uint8), lungs, LEFT) < 0.5
+
+
+def test_patient_position_sets_the_dependent_side_and_flags(sample_dir, tmp_path):
+    """PatientPosition travels from the DICOM header to the lung step and the provenance: prone scans are
+    segmented with the dependent side in front and flagged, decubitus scans flagged, supine ones not."""
+    import shutil
+
+    import pydicom
+
+    from ctquant.run.scan import position_flags, segment_lungs as lungs_of_scan
+    from ctquant.segment.lungs import dependent_side
+
+    folder = tmp_path / "prone"
+    shutil.copytree(sample_dir / "baseline", folder)
+    for path in folder.iterdir():
+        ds = pydicom.dcmread(path)
+        ds.PatientPosition = "HFP"
+        ds.save_as(path)
+    scan = load_scan(folder)
+    assert scan.meta["patient_position"] == "HFP"
+    assert dependent_side(scan.meta["patient_position"]) == "anterior"
+    prone = lungs_of_scan(scan)
+    assert np.array_equal(prone, segment_lungs(scan.hu, scan.spacing_mm, dependent="anterior"))
+    assert not np.array_equal(prone, segment_lungs(scan.hu, scan.spacing_mm))  # the side matters here
+    assert dependent_side("HFS") == dependent_side(None) == dependent_side("FFDL") == "posterior"
+    assert position_flags("HFP")[0].startswith("prone_scan: PatientPosition HFP")
+    assert position_flags("FFDR")[0].startswith("decubitus_scan")
+    assert position_flags("HFS") == position_flags(None) == []
+    assert load_scan(sample_dir / "baseline").meta["patient_position"] == "HFS"

@@ -915,6 +915,7 @@ def _series_meta(info: SeriesInfo, header: pydicom.Dataset, root: Path) -> dict[
         "convolution_kernel": info.kernel,
         "manufacturer": str(_tag(header, "Manufacturer", "")),
         "slice_thickness_mm": info.slice_thickness_mm,
+        "patient_position": _text(_tag(header, "PatientPosition", "")).upper() or None,  # HFS, HFP, ...
         "subject_hash": subject_hash(patient_id) if patient_id else None,
     }
 

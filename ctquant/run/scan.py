@@ -96,14 +96,32 @@ def software_versions() -> dict[str, str]:
 
 
 def segment_lungs(scan: Scan) -> np.ndarray:
-    """Lung labels of a loaded scan (0 outside, 1 right, 2 left) on its grid; a scan without lungs is refused."""
-    from ..segment.lungs import segment_lungs as lungs_of
+    """Lung labels of a loaded scan (0 outside, 1 right, 2 left) on its grid; a scan without lungs is refused.
 
-    lung_labels = lungs_of(scan.hu, scan.spacing_mm)
+    Dense lung is recovered on the dependent side that the scan's ``PatientPosition`` gives (anterior when
+    prone, else posterior)."""
+    from ..segment.lungs import dependent_side, segment_lungs as lungs_of
+
+    lung_labels = lungs_of(scan.hu, scan.spacing_mm, dependent=dependent_side(scan.meta.get("patient_position")))
     if not lung_labels.any():
         raise InputError("no lung found in the scan (an abdominal or non-chest series?): nothing to quantify",
                          scan.meta.get("input"))
     return lung_labels
+
+
+def position_flags(patient_position: str | None) -> list[str]:
+    """Flags for a patient position the lung step is not validated for: prone (its dependent side is
+    recovered, but measured only on supine scans with pneumonia painted in front) and decubitus (not
+    handled: the lower side's dense lung is not recovered)."""
+    from ..segment.lungs import PRONE_POSITIONS
+
+    position = str(patient_position or "").strip().upper()
+    if position in PRONE_POSITIONS:
+        return [f"prone_scan: PatientPosition {position}; dense lung recovered on the anterior (dependent) side, "
+                "validated only on supine scans with pneumonia painted in front"]
+    if position.startswith(("HFD", "FFD")):
+        return [f"decubitus_scan: PatientPosition {position}; dense lung on the lower side is not recovered"]
+    return []
 
 
 def segment_lesions(scan: Scan, lung_labels: np.ndarray, *, method: str = "model",
@@ -171,7 +189,8 @@ def analyse_scan(scan: Scan, *, method: str = "model", device: str = "cpu", conf
     timings["lesions"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     measured = measure(scan, lung_labels, lesion_labels, config)
-    lungs, bilateral, flags = measured["lungs"], measured["bilateral"], measured["flags"]
+    lungs, bilateral = measured["lungs"], measured["bilateral"]
+    flags = measured["flags"] + position_flags(scan.meta.get("patient_position"))
     timings["quantify"] = time.perf_counter() - t0
     subject = sanitize_id(subject_id) if subject_id else (scan.meta.get("subject_hash") or None)
     measures = {
@@ -196,6 +215,7 @@ def analyse_scan(scan: Scan, *, method: str = "model", device: str = "cpu", conf
             "convolution_kernel": scan.meta.get("convolution_kernel"),
             "kernel_class": scan.meta.get("kernel_class"),
             "series_choice": scan.meta.get("series_choice"),
+            "patient_position": scan.meta.get("patient_position"),
             "study_instance_uid": scan.meta.get("study_instance_uid"),
             "study_date": scan.meta.get("study_date"),
             "spacing_mm": [round(s, 6) for s in scan.spacing_mm],

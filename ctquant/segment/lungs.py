@@ -11,8 +11,8 @@ A classical pipeline, run on a coarse grid (about 2.5 mm) for speed and refined 
    appear, then a watershed); right lung = the one on the patient's right (lower LPS x); vessels and
    lesions they enclose are filled per axial slice;
 5. dense lung against the chest wall: each lung is extended through soft tissue to the inner surface of
-   the rib cage on the lateral and posterior (dependent) side, less the chest-wall layer measured where
-   the lung is aerated (:func:`fill_to_rib_cage`);
+   the rib cage on the lateral and dependent side (posterior for a supine patient, anterior for a prone
+   one), less the chest-wall layer measured where the lung is aerated (:func:`fill_to_rib_cage`);
 6. the diaphragm's dome, an island of soft tissue in the lowest lung slices, is taken out
    (:func:`drop_diaphragm_domes`);
 7. at full resolution, the pleural edge is put half-way in density between the lung beside it and
@@ -45,6 +45,16 @@ RIGHT, LEFT = 1, 2
 #: The modules (relative to the package) whose code makes the lung masks: the lung accuracy recorded in
 #: ``configs/lung_accuracy.json`` holds for the code whose hash (:func:`ctquant.config.code_sha256`) it names.
 CODE_FILES = ("segment/lungs.py", "segment/grid.py")
+
+#: The dependent (lower) side of the lungs, by ``PatientPosition`` (DICOM 0018,5100): where gravity puts
+#: dependent consolidation and where :func:`fill_to_rib_cage` looks for it. Supine (HFS, FFS) and
+#: positions not given (NIfTI, missing tag) are taken as posterior; decubitus positions are not handled.
+PRONE_POSITIONS = ("HFP", "FFP")
+DEPENDENT_SIDES = ("posterior", "anterior")
+#: How far rays may turn medially on the dependent side (x share of a unit step): behind, into the
+#: paravertebral gutters; in front (a prone patient), not at all: rays that did took pericardium and heart
+#: (real scans, anterior rays up to 0.5 medially: leak 1.2 -> 3.5 % on A0001, 1.7 -> 3.8 % on the pancreas).
+MAX_MEDIAL = {"posterior": 0.5, "anterior": 0.0}
 
 #: In-plane 2D connectivity expressed as a 3D structure (no links between slices).
 _SLICEWISE = np.zeros((3, 3, 3), dtype=bool)
@@ -242,10 +252,15 @@ def _fill_slices(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def dependent_side(patient_position: str | None) -> str:
+    """``anterior`` for a prone ``PatientPosition`` (:data:`PRONE_POSITIONS`), else ``posterior``."""
+    return "anterior" if str(patient_position or "").strip().upper() in PRONE_POSITIONS else "posterior"
+
+
 def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
                   air_threshold_hu: float = -400.0, dense_max_hu: float = 200.0,
                   coarse_mm: float = 2.5, wall_hu: float = 40.0, max_fill_mm: float = 80.0,
-                  min_lung_ml: float = 100.0) -> np.ndarray:
+                  min_lung_ml: float = 100.0, dependent: str = "posterior") -> np.ndarray:
     """Label the right (1) and left (2) lung, dense (consolidated) lung included.
 
     Args:
@@ -257,6 +272,8 @@ def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
         wall_hu: density of the chest wall for the half-density pleural edge.
         max_fill_mm: longest stretch of dense tissue between aerated lung and rib cage taken as lung.
         min_lung_ml: an air region smaller than this is not a lung (bowel gas of an abdominal scan).
+        dependent: ``posterior`` (supine patient) or ``anterior`` (prone): the side where dense lung is
+            recovered up to the rib cage (:func:`dependent_side` reads it from ``PatientPosition``).
 
     Returns:
         uint8 label volume on the input grid.
@@ -291,7 +308,8 @@ def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
     labels_c[_fill_slices(left) & chest & (labels_c == 0)] = LEFT
     bone_c = _block_mean_near(hu, labels_c > 0, factors, max_fill_mm / min(coarse_spacing[1:]) + 2)
     labels_c = fill_to_rib_cage(labels_c, hu_c, chest, coarse_spacing, bone_hu_volume=bone_c,
-                                max_fill_mm=max_fill_mm, dense_min_hu=air_threshold_hu, bone_hu=dense_max_hu)
+                                max_fill_mm=max_fill_mm, dense_min_hu=air_threshold_hu, bone_hu=dense_max_hu,
+                                dependent=dependent)
     labels_c = drop_diaphragm_domes(labels_c, hu_c > -200, body)
     dense_added = (labels_c > 0) & ~air
     labels = _refine(labels_c, dense_added, hu, factors, air_threshold_hu, dense_max_hu)
@@ -376,11 +394,12 @@ def fill_to_rib_cage(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, spaci
                      *, bone_hu_volume: np.ndarray | None = None, max_fill_mm: float = 80.0, wall_extra_mm: float = 1.5,
                      bone_hu: float = 200.0, dense_min_hu: float = -400.0, cage_z_mm: float = 30.0,
                      n_angles: int = 360, wall_percentile: float = 20.0, median_deg: float = 25.0,
-                     max_medial: float = 0.5) -> np.ndarray:
+                     dependent: str = "posterior", max_medial: float | None = None) -> np.ndarray:
     """Extend each lung to the rib cage through dense tissue: dependent and pleura-based consolidation.
 
-    Per axial slice and lung, rays leave the lung's centre towards the lateral and posterior chest wall
-    (the dependent side of a supine patient; up to ``max_medial`` of a unit step medially). Along each,
+    Per axial slice and lung, rays leave the lung's centre towards the lateral and ``dependent`` chest wall
+    (``posterior`` for a supine patient, ``anterior`` for a prone one; up to ``max_medial`` of a unit step
+    medially, default :data:`MAX_MEDIAL` of that side). Along each,
     the rib cage is the first bone beyond the lung (bone: ``bone_hu_volume``, a block-mean image where
     sharp-kernel noise does not pass for bone, projected over ``cage_z_mm`` so that intercostal
     slices see their ribs), capped by the running median over ``median_deg`` of neighbouring rays
@@ -391,6 +410,10 @@ def fill_to_rib_cage(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, spaci
     """
     from scipy.ndimage import median_filter
 
+    if dependent not in DEPENDENT_SIDES:
+        raise ValueError(f"dependent must be one of {DEPENDENT_SIDES}, not {dependent!r}")
+    max_medial = MAX_MEDIAL[dependent] if max_medial is None else max_medial
+    downwards = 1.0 if dependent == "posterior" else -1.0  # +y is posterior (LPS)
     sz, sy, sx = spacing_mm
     bone = ((hu if bone_hu_volume is None else bone_hu_volume) >= bone_hu) & body
     size = max(1, int(round(cage_z_mm / sz))) | 1
@@ -415,7 +438,7 @@ def fill_to_rib_cage(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, spaci
                 continue
             cy, cx = ndi.center_of_mass(lung)
             medial = np.sign(x_mid - cx)  # +1: medial is +x
-            towards_wall = ((dx * medial) <= max_medial) & (dy >= 0.0)
+            towards_wall = ((dx * medial) <= max_medial) & (dy * downwards >= 0.0)
             yy = np.rint(cy + ray_y).astype(int)
             xx = np.rint(cx + ray_x).astype(int)
             inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)

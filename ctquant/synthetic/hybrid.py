@@ -5,7 +5,8 @@ its lungs at the densities of real pneumonia, so the lung step is tested on dens
 chest wall, mediastinum, diaphragm and abdomen, and the lesion step on real noise and vessels:
 
 - consolidation at unenhanced soft-tissue density (``consolidation_hu``, +20 … +50 HU: as dense as
-  the muscle beside it), pleura-based in the dependent (posterior) bases, as a patch touching the
+  the muscle beside it), pleura-based in the dependent bases (posterior; anterior with
+  ``dependent="anterior"``, as in a prone patient), as a patch touching the
   mediastinum and, at ``severity="severe"``, as a whole airless lower lobe (below a plane tilted like
   the oblique fissure, which meets the diaphragm a third of the way back);
 - GGO (``ggo_hu``, −650 … −350 HU) in a rim around each consolidation and in separate peripheral
@@ -87,7 +88,8 @@ def _lung_frame(lung: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def paint_pneumonia(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tuple[float, float, float], *,
                     severity: str = "moderate", seed: int = 0,
                     consolidation_hu: tuple[float, float] = (20.0, 50.0),
-                    ggo_hu: tuple[float, float] = (-650.0, -350.0), paint_ggo: bool = True) -> HybridCase:
+                    ggo_hu: tuple[float, float] = (-650.0, -350.0), paint_ggo: bool = True,
+                    dependent: str = "posterior") -> HybridCase:
     """Paint consolidation and GGO into the lungs of a real scan (see the module docstring).
 
     Args:
@@ -98,9 +100,13 @@ def paint_pneumonia(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tuple[f
         seed: the random stream (lesion shapes, densities, noise).
         paint_ggo: paint ground glass (a rim around each consolidation and separate patches); False paints the
             consolidation alone, with the same shapes.
+        dependent: where the pleura-based consolidation lies: ``posterior`` (a supine patient) or
+            ``anterior`` (a prone one); the whole airless lower lobe stays where the lobe is.
     """
     if severity not in SEVERITIES:
         raise ValueError(f"severity must be one of {SEVERITIES}, not {severity!r}")
+    if dependent not in ("posterior", "anterior"):
+        raise ValueError(f"dependent must be posterior or anterior, not {dependent!r}")
     rng = np.random.default_rng(seed)
     spacing = np.asarray(spacing_mm, dtype=float)
     shape = hu.shape
@@ -115,9 +121,10 @@ def paint_pneumonia(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tuple[f
             continue
         z_rel, y_rel = _lung_frame(lung)
         depth_mm = _inplane_depth_mm(lung, spacing_mm)
-        # pleura-based dependent consolidation: the back of the lower lung, ~12 (25) mm deep in-plane
+        # pleura-based dependent consolidation: the back (front) of the lower lung, ~12 (25) mm deep in-plane
         reach_mm = 12.0 if severity == "moderate" else 25.0
-        base = lung & (z_rel < 0.45 + 0.05 * wobble) & (y_rel > 0.55 - 0.1 * wobble) & (depth_mm < reach_mm * (1.0 + 0.4 * wobble))
+        y_dep = y_rel if dependent == "posterior" else 1.0 - y_rel  # 0 up … 1 down
+        base = lung & (z_rel < 0.45 + 0.05 * wobble) & (y_dep > 0.55 - 0.1 * wobble) & (depth_mm < reach_mm * (1.0 + 0.4 * wobble))
         consolidation |= base
         if severity == "severe":  # the whole lower lobe, below a plane tilted like the oblique fissure
             consolidation |= lung & (z_rel < 0.6 * (y_rel - 0.3) / 0.7 + 0.04 * wobble)
