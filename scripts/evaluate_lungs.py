@@ -39,10 +39,11 @@ import numpy as np
 
 from ctquant.trial.agreement import mask_metrics
 from ctquant.io.scans import read_label_image
-from ctquant.segment.lungs import LEFT, RIGHT, segment_lungs
+from ctquant.segment.lung_model import LungModel, load_lung_model, segment_lungs_with_model
+from ctquant.segment.lungs import LEFT, RIGHT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_ct import case_name, load_reference_scan, reference_entries  # noqa: E402
+from real_ct import case_name, load_reference_scan, lung_fold_model_path, reference_entries  # noqa: E402
 
 if TYPE_CHECKING:
     from ctquant.segment.lesion_model import LesionModel
@@ -63,8 +64,9 @@ def lung_scores(pred: np.ndarray, ref: np.ndarray, spacing_mm: tuple[float, floa
 
 
 def evaluate_phantoms(severities: list[float], seeds: list[int], shape: tuple[int, int, int] | None,
-                      spacing: tuple[float, float, float] | None) -> list[dict]:
-    """Segment generated phantoms and score them against their truth."""
+                      spacing: tuple[float, float, float] | None, lung_model: LungModel | None = None) -> list[dict]:
+    """Segment generated phantoms (the product's lung step: ``lung_model``, None for the classical step alone)
+    and score them against their truth."""
     from ctquant.synthetic.phantom import make_phantom
 
     rows = []
@@ -77,7 +79,7 @@ def evaluate_phantoms(severities: list[float], seeds: list[int], shape: tuple[in
                 kwargs["spacing_mm"] = spacing
             phantom = make_phantom(severity=severity, seed=seed, **kwargs)
             t0 = time.perf_counter()
-            pred = segment_lungs(phantom.hu, phantom.spacing_mm)
+            pred = segment_lungs_with_model(phantom.hu, phantom.spacing_mm, lung_model)
             seconds = time.perf_counter() - t0
             lung = phantom.lung_labels > 0
             lesion_share = float(np.count_nonzero(phantom.lesion_labels) / max(1, np.count_nonzero(lung)))
@@ -121,9 +123,11 @@ def kept_pct_by_half(pred: np.ndarray, truth: np.ndarray, ref: np.ndarray) -> di
     return out
 
 
-def real_case_rows(scan_name: str, root: Path, hybrid_seed: int, model: LesionModel | None = None) -> list[dict]:
+def real_case_rows(scan_name: str, root: Path, hybrid_seed: int, model: LesionModel | None = None,
+                   lung_model: LungModel | None = None) -> list[dict]:
     """Rows for one registry scan (``configs/real_ct_references.json``) and its hybrids (moderate, severe, prone)
-    (``model``: a loaded lesion model, whose GGO and consolidation on the hybrids are scored too)."""
+    (``model``: a loaded lesion model, whose GGO and consolidation on the hybrids are scored too; ``lung_model``:
+    the lung network that adds dense lung, one that never saw this scan; None: the classical step alone)."""
     from ctquant.config import load_quantify_config
     from ctquant.synthetic.hybrid import CONSOLIDATION, GGO, paint_pneumonia
     from ctquant.segment.lesion_model import segment_lesions
@@ -141,7 +145,7 @@ def real_case_rows(scan_name: str, root: Path, hybrid_seed: int, model: LesionMo
                 if severity else None)
         hu = case.hu if case else scan_hu
         t0 = time.perf_counter()
-        pred = segment_lungs(hu, spacing_mm, dependent=dependent)
+        pred = segment_lungs_with_model(hu, spacing_mm, lung_model, dependent=dependent)
         seconds = time.perf_counter() - t0
         label = f" + {severity} pneumonia" + (", prone" if dependent == "anterior" else "") if severity else ""
         row = {"case": name + label, "seconds": round(seconds, 2),
@@ -177,13 +181,15 @@ def accuracy_record(rows: list[dict]) -> dict:
     """``configs/lung_accuracy.json`` from the ``--real`` rows: per-case figures, their ranges and the lines
     that every report shows, for the lung code that measured them (:data:`ctquant.segment.lungs.CODE_FILES`)."""
     from ctquant import __version__
-    from ctquant.config import code_sha256
+    from ctquant.config import code_sha256, file_sha256
+    from ctquant.segment.lung_model import DEFAULT_MODEL_PATH
     from ctquant.segment.lungs import CODE_FILES
 
     clean = [r for r in rows if "consolidation_kept_pct" not in r]
     hybrids = [r for r in rows if "consolidation_kept_pct" in r]
     keys = ("dice_both", "dice_right", "dice_left", "volume_error_pct", "leak_pct", "leak_on_reference_slices_pct")
-    lines = [f"Lungs: on {len(clean)} real chest CTs without pneumonia (reference lung masks) Dice "
+    lines = [f"Lungs: on {len(clean)} real chest CTs without pneumonia (reference lung masks; each segmented with a "
+             f"lung network that never saw it) Dice "
              f"{_span([r['dice_both'] for r in clean], '.3f')} (each lung ≥ "
              f"{min(min(r['dice_right'], r['dice_left']) for r in clean):.3f}), lung volume outside the reference "
              f"{_span([r['leak_pct'] for r in clean], '.1f')} % of it."]
@@ -200,6 +206,9 @@ def accuracy_record(rows: list[dict]) -> dict:
                 "configs/real_ct_references.json).",
         "lung_code_sha256": code_sha256(CODE_FILES),
         "lung_code_files": list(CODE_FILES),
+        "lung_model_sha256": file_sha256(DEFAULT_MODEL_PATH),
+        "held_out": "each scan and its hybrids segmented with the lung network trained without that scan "
+                    "(models/lung_model_folds, scripts/train_lung_model.py)",
         "ctquant_version": __version__,
         "measured_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cases": {r["case"]: {k: r[k] for k in keys + ("consolidation_kept_pct",) if k in r} for r in rows},
@@ -221,12 +230,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="real scans with reference lungs in ../shared/data/real-ct, and hybrids made from them")
     parser.add_argument("--hybrid-seed", type=int, default=1, help="seed of the painted pneumonia (--real)")
     parser.add_argument("--no-model", action="store_true", help="--real without the lesion model's figures")
+    parser.add_argument("--classical", action="store_true",
+                        help="the classical lung step alone (no lung network); by default --real scores each scan "
+                             "with the lung network trained without it (models/lung_model_folds), --phantoms with "
+                             "the shipped one")
     parser.add_argument("--json", type=Path, help="write the rows as JSON here")
     parser.add_argument("--record-accuracy", action="store_true",
                         help="with --real: write the figures to configs/lung_accuracy.json (shown in every report)")
     args = parser.parse_args(argv)
-    if args.record_accuracy and not args.real:
-        parser.error("--record-accuracy needs --real")
+    if args.record_accuracy and (not args.real or args.classical):
+        parser.error("--record-accuracy needs --real, with the product's lung step (no --classical)")
 
     rows: list[dict] = []
     real_rows: list[dict] = []
@@ -241,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"case": str(args.pred), **lung_scores(pred, ref, spacing)})
     if args.phantoms:
         rows += evaluate_phantoms(args.severities, args.seeds, tuple(args.shape) if args.shape else None,
-                                  tuple(args.spacing) if args.spacing else None)
+                                  tuple(args.spacing) if args.spacing else None,
+                                  None if args.classical else load_lung_model())
     if args.real:
         root = SHARED_DATA / "real-ct"
         names = [e["scan"] for e in reference_entries() if (root / e["scan"]).exists()]
@@ -258,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
 
             model = load_lesion_model()
         for name in names:
-            real_rows += real_case_rows(name, root, args.hybrid_seed, model)
+            lung_model = None if args.classical else load_lung_model(lung_fold_model_path(name))
+            real_rows += real_case_rows(name, root, args.hybrid_seed, model, lung_model)
         rows += real_rows
     if not rows:
         parser.error("nothing to evaluate: give --real, --pred/--ref or --phantoms")

@@ -47,3 +47,12 @@ def load_reference_scan(real_ct: Path, scan: str, path: Path = REFERENCES_FILE
     for source, target in entry["lung_values"].items():
         lungs[values == int(source)] = int(target)
     return loaded.hu, tuple(float(v) for v in loaded.spacing_mm), lungs
+
+
+LUNG_FOLD_DIR = REPO_ROOT / "models" / "lung_model_folds"
+
+
+def lung_fold_model_path(scan: str) -> Path:
+    """The lung network trained without registry scan ``scan`` (``scripts/train_lung_model.py``): the one
+    that scores it in ``scripts/evaluate_lungs.py --real``."""
+    return LUNG_FOLD_DIR / f"without_{case_name(scan)}.pt"

@@ -13,6 +13,8 @@ from scipy.stats import beta
 from typer.testing import CliRunner
 
 from ctquant.trial import endpoints as E
+from ctquant.config import file_sha256
+from ctquant.segment.lung_model import DEFAULT_MODEL_PATH as LUNG_MODEL_PATH
 from ctquant.run.batch import ScanRecord, read_manifest
 from ctquant.cli import app
 from ctquant.config import code_sha256, config_hash, load_quantify_config
@@ -54,7 +56,7 @@ def measures(sid: str = "S01", tp: str = "baseline", right: float = 5.0, left: f
         "bilateral": {"ggo": True, "consolidation": False, "opacity": True},
         "flags": [],
         "provenance": {"ctquant_version": "0.1.0", "code_sha256": code_sha256(), "method": method,
-                       "model_file": "lesion_model.pt",
+                       "model_file": "lesion_model.pt", "lung_model_sha256": file_sha256(LUNG_MODEL_PATH),
                        "model_sha256": model_sha, "config_sha256": config_sha, "config": {},
                        "input": f"/data/{sid}/{tp}", "series_instance_uid": f"1.2.3.{sid}.{tp}",
                        "study_date": study_date, "spacing_mm": [5.0, 0.7, 0.7], "created_utc": "x"},

@@ -145,16 +145,19 @@ def lung_accuracy_lines(record_path: str | Path | None = None) -> list[str]:
 
     Read from ``configs/lung_accuracy.json`` (``scripts/evaluate_lungs.py --real --record-accuracy``);
     shown only when its ``lung_code_sha256`` is the hash of the lung code running now
-    (:data:`ctquant.segment.lungs.CODE_FILES`).
+    (:data:`ctquant.segment.lungs.CODE_FILES`) and its ``lung_model_sha256`` that of the shipped lung network.
     """
-    from ..config import CONFIG_DIR, code_sha256
+    from ..config import CONFIG_DIR, code_sha256, file_sha256
+    from ..segment.lung_model import DEFAULT_MODEL_PATH
     from ..segment.lungs import CODE_FILES
 
     try:
         record = json.loads(Path(record_path or CONFIG_DIR / "lung_accuracy.json").read_text())
     except (OSError, ValueError):
         record = {}
-    if not record.get("lines") or record.get("lung_code_sha256") != code_sha256(CODE_FILES):
+    network = file_sha256(DEFAULT_MODEL_PATH) if DEFAULT_MODEL_PATH.is_file() else None
+    if (not record.get("lines") or record.get("lung_code_sha256") != code_sha256(CODE_FILES)
+            or record.get("lung_model_sha256") != network):
         return ["No measured accuracy is recorded for this version of the lung step (its code differs from the "
                 "code that was measured): treat the lung masks, and every % of lung, as unvalidated."]
     return list(record["lines"])
@@ -212,6 +215,7 @@ def scan_context(measures: dict[str, Any], qc_png: bytes | str | Path | None = N
         ("ctquant code SHA-256", prov.get("code_sha256") or "–"),
         ("Lesion model file", prov.get("model_file") or "– (none: HU bands)"),
         ("Lesion model SHA-256", prov.get("model_sha256") or "–"),
+        ("Lung model SHA-256", prov.get("lung_model_sha256") or "–"),
         ("Config SHA-256", prov.get("config_sha256") or "–"),
         ("Series Instance UID", prov.get("series_instance_uid") or "–"),
         ("Study Instance UID", prov.get("study_instance_uid") or "–"),

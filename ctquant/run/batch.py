@@ -313,6 +313,7 @@ class BatchSettings:
     model_sha256: Optional[str] = None
     torch_threads: Optional[int] = None
     code_sha256: str = ""
+    lung_model_sha256: Optional[str] = None
 
 
 def make_settings(method: str = "model", device: str = "auto", config_path: str | Path | None = None,
@@ -338,7 +339,12 @@ def make_settings(method: str = "model", device: str = "auto", config_path: str 
         if not Path(mpath).is_file():
             raise ModelError("lesion model weight file not found (use --method hu, or install the model)", mpath)
         mhash = file_sha256(mpath)
-    return BatchSettings(method, device, config_file, seg_format, mpath, chash, mhash, code_sha256=code_sha256())
+    from ..segment.lung_model import DEFAULT_MODEL_PATH as LUNG_MODEL_PATH
+
+    if not LUNG_MODEL_PATH.is_file():
+        raise ModelError("lung model weight file not found (reinstall ctquant)", LUNG_MODEL_PATH)
+    return BatchSettings(method, device, config_file, seg_format, mpath, chash, mhash, code_sha256=code_sha256(),
+                         lung_model_sha256=file_sha256(LUNG_MODEL_PATH))
 
 
 @dataclass(frozen=True)
@@ -406,6 +412,7 @@ def result_is_current(result_dir: str | Path, settings: BatchSettings, fingerpri
         ("ctquant code", prov.get("code_sha256"), settings.code_sha256),
         ("config", prov.get("config_sha256"), settings.config_sha256),
         ("model", prov.get("model_sha256"), settings.model_sha256),
+        ("lung model", prov.get("lung_model_sha256"), settings.lung_model_sha256),
         ("input", prov.get("input_fingerprint"), fingerprint),
         ("subject", measures.get("subject_id"), key[0]),
         ("time point", measures.get("timepoint"), key[1]),

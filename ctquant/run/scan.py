@@ -95,14 +95,20 @@ def software_versions() -> dict[str, str]:
             "pydicom": pydicom.__version__, "scikit-image": skimage.__version__}
 
 
-def segment_lungs(scan: Scan) -> np.ndarray:
+def segment_lungs(scan: Scan, *, lung_model: Any = None, device: str = "cpu", dense_lung_model: bool = True
+                  ) -> np.ndarray:
     """Lung labels of a loaded scan (0 outside, 1 right, 2 left) on its grid; a scan without lungs is refused.
 
-    Dense lung is recovered on the dependent side that the scan's ``PatientPosition`` gives (anterior when
-    prone, else posterior)."""
-    from ..segment.lungs import dependent_side, segment_lungs as lungs_of
+    The classical step (:func:`ctquant.segment.lungs.segment_lungs`) recovers dense lung up to the rib cage
+    on the dependent side that the scan's ``PatientPosition`` gives (anterior when prone, else posterior);
+    then, with ``dense_lung_model``, the shipped lung network (or ``lung_model``, loaded on demand) adds
+    the dense lung it cannot see (:func:`ctquant.segment.lung_model.add_dense_lung`)."""
+    from ..segment.lung_model import load_lung_model, segment_lungs_with_model
+    from ..segment.lungs import dependent_side
 
-    lung_labels = lungs_of(scan.hu, scan.spacing_mm, dependent=dependent_side(scan.meta.get("patient_position")))
+    model = (lung_model or load_lung_model(device=device)) if dense_lung_model else None
+    lung_labels = segment_lungs_with_model(scan.hu, scan.spacing_mm, model,
+                                           dependent=dependent_side(scan.meta.get("patient_position")))
     if not lung_labels.any():
         raise InputError("no lung found in the scan (an abdominal or non-chest series?): nothing to quantify",
                          scan.meta.get("input"))
@@ -175,7 +181,10 @@ def analyse_scan(scan: Scan, *, method: str = "model", device: str = "cpu", conf
     timings: dict[str, float] = {}
     progress("segmenting the lungs")
     t0 = time.perf_counter()
-    lung_labels = segment_lungs(scan)
+    from ..segment.lung_model import load_lung_model
+
+    lung_model = load_lung_model(device=device)
+    lung_labels = segment_lungs(scan, lung_model=lung_model)
     timings["lungs"] = time.perf_counter() - t0
     progress(f"segmenting lesions ({method})")
     t0 = time.perf_counter()
@@ -206,6 +215,8 @@ def analyse_scan(scan: Scan, *, method: str = "model", device: str = "cpu", conf
             "code_sha256": code_sha256(),
             "method": method,
             **model_info,
+            "lung_model_file": Path(lung_model.path).name,
+            "lung_model_sha256": lung_model.sha256,
             "config": config,
             "config_sha256": config_hash(config),
             "input": Path(scan.meta["input"]).name if scan.meta.get("input") else None,  # full path: identifying

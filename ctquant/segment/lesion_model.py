@@ -131,8 +131,10 @@ class LesionModel:
         }
 
 
-def save_lesion_model(network: torch.nn.Module, path: str | Path, metadata: dict[str, Any]) -> Path:
-    """Write ``{"format", "version", "metadata", "state_dict"}`` (plain tensors and builtins) to ``path``."""
+def save_lesion_model(network: torch.nn.Module, path: str | Path, metadata: dict[str, Any],
+                      checkpoint_format: str = CHECKPOINT_FORMAT) -> Path:
+    """Write ``{"format", "version", "metadata", "state_dict"}`` (plain tensors and builtins) to ``path``
+    (``checkpoint_format``: the lesion model's, or the lung model's of :mod:`ctquant.segment.lung_model`)."""
     for key in ("architecture", "input_size", "hu_window", "classes"):
         if key not in metadata:
             raise ValueError(f"metadata lacks {key!r}")
@@ -140,43 +142,58 @@ def save_lesion_model(network: torch.nn.Module, path: str | Path, metadata: dict
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
-    blob = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "metadata": metadata, "state_dict": state}
+    blob = {"format": checkpoint_format, "version": CHECKPOINT_VERSION, "metadata": metadata, "state_dict": state}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(blob, tmp)
     tmp.replace(path)
     return path
 
 
-def load_lesion_model(path: str | Path | None = None, device: str = "cpu") -> LesionModel:
-    """Load the shipped (or given) lesion network; any missing/corrupt/incompatible file is a :class:`ModelError`."""
-    path = Path(path) if path is not None else DEFAULT_MODEL_PATH
+def read_checkpoint(path: Path, checkpoint_format: str, what: str, required: set[str]
+                    ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The network (eval mode, CPU) and metadata of a ctquant checkpoint of ``checkpoint_format`` written by
+    :func:`save_lesion_model` or its like; any missing, corrupt or incompatible file is a :class:`ModelError`
+    naming ``what`` the file should hold; ``required``: metadata keys that must be there."""
     if not path.is_file():
-        raise ModelError("lesion model weight file not found", path)
+        raise ModelError(f"{what} weight file not found", path)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, garbage bytes, pickled code: all unusable
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"cannot read lesion model weights (truncated or corrupt file?): {first}", path) from None
-    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
-        raise ModelError(f"not a ctquant lesion model checkpoint (expected format {CHECKPOINT_FORMAT!r})", path)
+        raise ModelError(f"cannot read {what} weights (truncated or corrupt file?): {first}", path) from None
+    if not isinstance(blob, dict) or blob.get("format") != checkpoint_format:
+        raise ModelError(f"not a ctquant {what} checkpoint (expected format {checkpoint_format!r})", path)
     if blob.get("version") != CHECKPOINT_VERSION:
         raise ModelError(f"unsupported checkpoint version {blob.get('version')!r} "
                          f"(this ctquant reads version {CHECKPOINT_VERSION})", path)
     metadata = blob.get("metadata")
-    if not isinstance(metadata, dict) or not {"architecture", "input_size", "classes"} <= set(metadata):
-        raise ModelError("checkpoint metadata lacks architecture/input_size/classes", path)
-    if tuple(metadata["classes"]) != CLASS_NAMES:
-        raise ModelError(f"checkpoint classes {metadata['classes']} differ from {list(CLASS_NAMES)}", path)
+    if not isinstance(metadata, dict) or not required <= set(metadata):
+        raise ModelError(f"checkpoint metadata lacks {'/'.join(sorted(required))}", path)
     try:
         network = build_network(metadata["architecture"])
         network.load_state_dict(blob["state_dict"], strict=True)
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(f"weights incompatible with the network code: {first}", path) from None
+    return network.eval(), metadata
+
+
+def to_device(network: torch.nn.Module, device: str) -> torch.device:
+    """Move ``network`` to ``device`` (``auto``, ``cpu``, ``cuda``), channels-last on the CPU; returns the device."""
     torch_device = torch.device(resolve_device(device))
     network.to(torch_device).eval()
     if torch_device.type == "cpu":  # oneDNN's NHWC convolutions: about 20 % faster, same logits to 1e-5
         network.to(memory_format=torch.channels_last)
+    return torch_device
+
+
+def load_lesion_model(path: str | Path | None = None, device: str = "cpu") -> LesionModel:
+    """Load the shipped (or given) lesion network; any missing/corrupt/incompatible file is a :class:`ModelError`."""
+    path = Path(path) if path is not None else DEFAULT_MODEL_PATH
+    network, metadata = read_checkpoint(path, CHECKPOINT_FORMAT, "lesion model", {"architecture", "input_size", "classes"})
+    if tuple(metadata["classes"]) != CLASS_NAMES:
+        raise ModelError(f"checkpoint classes {metadata['classes']} differ from {list(CLASS_NAMES)}", path)
+    torch_device = to_device(network, device)
     return LesionModel(network=network, path=path, sha256=file_sha256(path), metadata=metadata, device=torch_device)
 
 

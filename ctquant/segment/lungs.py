@@ -43,8 +43,9 @@ log = logging.getLogger(__name__)
 
 RIGHT, LEFT = 1, 2
 #: The modules (relative to the package) whose code makes the lung masks: the lung accuracy recorded in
-#: ``configs/lung_accuracy.json`` holds for the code whose hash (:func:`ctquant.config.code_sha256`) it names.
-CODE_FILES = ("segment/lungs.py", "segment/grid.py")
+#: ``configs/lung_accuracy.json`` holds for the code whose hash (:func:`ctquant.config.code_sha256`) it names
+#: (and the lung network, ``models/lung_model.pt``, whose hash it names too).
+CODE_FILES = ("segment/lungs.py", "segment/grid.py", "segment/lung_model.py")
 
 #: The dependent (lower) side of the lungs, by ``PatientPosition`` (DICOM 0018,5100): where gravity puts
 #: dependent consolidation and where :func:`fill_to_rib_cage` looks for it. Supine (HFS, FFS) and
