@@ -62,7 +62,7 @@ def scan_examples(scan: str, root: Path) -> tuple[np.ndarray, np.ndarray]:
         grid = lung_grid(classical, spacing_mm)
         if grid is None:
             continue
-        x, _ = network_input(case_hu, classical, grid)
+        x, _, _ = network_input(case_hu, classical, grid)
         inputs.append(x.numpy().astype(np.float16))
         targets.append((grid.sample((ref > 0).view(np.uint8), grid.z, "nearest").numpy() > 0.5).astype(np.uint8))
         print(f"  {case_name(scan)} {severity or 'clean'} {dependent} seed {seed}: {len(x)} slices", flush=True)
@@ -131,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     scans = [e["scan"] for e in reference_entries()]
     missing = [s for s in scans if not (SHARED_REAL_CT / s).exists()]
     if missing:

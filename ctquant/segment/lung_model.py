@@ -147,17 +147,20 @@ def lung_grid(lung_labels: np.ndarray, spacing_mm: tuple[float, float, float]) -
                     y_mm=centre_y - half, x_mm=centre_x - half, spacing_mm=tuple(float(s) for s in spacing_mm))
 
 
-def network_input(hu: np.ndarray, lung_labels: np.ndarray, grid: LungGrid) -> tuple[torch.Tensor, torch.Tensor]:
+def network_input(hu: np.ndarray, lung_labels: np.ndarray, grid: LungGrid
+                  ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """The network's input (n, 4, GRID_PX, GRID_PX): the CT below, at and above each grid slice (unit range,
-    :data:`HU_WINDOW`) and the classical lung mask; and the grid's HU (n, GRID_PX, GRID_PX)."""
+    :data:`HU_WINDOW`) and the classical lung mask; the grid's HU and the classical lung labels on the grid
+    (n, GRID_PX, GRID_PX; uint8, 1 right, 2 left)."""
     last, n = hu.shape[0] - 1, len(grid.z)
     heights = np.concatenate([np.clip(grid.z - grid.neighbour, 0, last), grid.z, np.clip(grid.z + grid.neighbour, 0, last)])
     unique, inverse = np.unique(heights, return_inverse=True)  # each scan slice sampled once
     sampled = grid.sample(hu, unique, "bilinear")[torch.from_numpy(inverse.reshape(-1))]
     hu_grid = sampled[n:2 * n]
-    lung = grid.sample((lung_labels > 0).view(np.uint8), grid.z, "nearest")
+    labels_grid = grid.sample(lung_labels, grid.z, "nearest")
     unit = torch.from_numpy(hu_to_unit(sampled.numpy(), HU_WINDOW)).reshape(3, n, GRID_PX, GRID_PX)
-    return torch.cat([unit.permute(1, 0, 2, 3), lung[:, None]], dim=1), hu_grid
+    x = torch.cat([unit.permute(1, 0, 2, 3), (labels_grid > 0).float()[:, None]], dim=1)
+    return x, hu_grid, labels_grid.numpy().astype(np.uint8)
 
 
 def lung_probability(model: LungModel, x: torch.Tensor) -> np.ndarray:
@@ -249,9 +252,8 @@ def add_dense_lung(hu: np.ndarray, spacing_mm: tuple[float, float, float], lung_
     grid = lung_grid(lung_labels, spacing_mm)
     if grid is None:
         return lung_labels
-    x, hu_grid = network_input(hu, lung_labels, grid)
+    x, hu_grid, labels_grid = network_input(hu, lung_labels, grid)
     probability = lung_probability(model, x)
-    labels_grid = grid.sample(lung_labels, grid.z, "nearest").numpy().astype(np.uint8)
     added = dense_lung_on_grid(probability, hu_grid.numpy(), labels_grid, grid, threshold=threshold,
                                opening_mm=opening_mm, dense_min_hu=dense_min_hu, bone_hu=bone_hu)
     out = lung_labels.copy()
