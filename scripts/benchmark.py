@@ -76,6 +76,9 @@ def run_ctquant(path: str, method: str, device: str) -> dict[str, Any]:
     reuse_freed_memory()  # as `ctquant quantify` and batch workers do
     device = resolve_device(device)
     _warm_up_decoders()
+    from ctquant.segment.lung_model import load_lung_model
+
+    lung_model = load_lung_model(device=device)  # loaded once per process, as batch workers do (not timed)
     model = None
     if method == "model":
         from ctquant.segment.lesion_model import load_lesion_model
@@ -88,7 +91,7 @@ def run_ctquant(path: str, method: str, device: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     scan = load_dicom_series(path)
     t["decode_hu"] = time.perf_counter() - t0 - t["find_series"]  # load repeats the folder walk
-    seg = analyse_scan(scan, method=method, device=device, model=model)
+    seg = analyse_scan(scan, method=method, device=device, model=model, lung_model=lung_model)
     t.update(seg.timings_s)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

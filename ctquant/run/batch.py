@@ -490,19 +490,22 @@ def check_paths(rows: Sequence[ManifestRow], out_dir: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 # The per-scan task (runs in workers)
 
-_MODELS: dict[tuple[str, str], Any] = {}
+_MODELS: dict[tuple[str, str, str], Any] = {}
 _MODEL_LOCK = threading.Lock()
 _THREADS_SET: list[int] = []
 
 
-def cached_model(path: str, device: str) -> Any:
-    """The lesion model at ``path`` on ``device``, loaded once per process (thread-safe)."""
-    key = (path, device)
+def cached_model(path: str | None, device: str, kind: str = "lesion") -> Any:
+    """The ``kind`` (``lesion`` or ``lung``) model at ``path`` (None: the shipped lung model) on ``device``,
+    loaded once per process (thread-safe)."""
+    key = (kind, str(path), device)
     with _MODEL_LOCK:
         if key not in _MODELS:
-            from ..segment.lesion_model import load_lesion_model
-
-            _MODELS[key] = load_lesion_model(path, device=device)
+            if kind == "lung":
+                from ..segment.lung_model import load_lung_model as load
+            else:
+                from ..segment.lesion_model import load_lesion_model as load
+            _MODELS[key] = load(path, device=device)
         return _MODELS[key]
 
 
@@ -576,7 +579,7 @@ def run_one(task: ScanTask) -> ScanRecord:
         measures = pipeline.quantify_to_dir(
             task.input, task.output_dir, method=s.method, device=s.device, subject_id=task.subject_id,
             timepoint=task.timepoint, config_path=s.config_path, series_uid=task.series_uid,
-            seg_format=s.seg_format, model=model,
+            seg_format=s.seg_format, model=model, lung_model=cached_model(None, s.device, "lung"),
             extra_provenance={"input_fingerprint": task.fingerprint})
         return ScanRecord(**base, status="ok", seconds=time.perf_counter() - t0, measures=measures)
     except CtquantError as exc:
@@ -640,16 +643,17 @@ _STARTED: list[Any] = []  # in pool workers: the queue that announces each task 
 
 
 def _init_worker(settings: BatchSettings, started: Any = None) -> None:
-    """Process-pool initializer: limit threads, quiet warnings, load the model once (errors deferred)."""
+    """Process-pool initializer: limit threads, quiet warnings, load the models once (errors deferred)."""
     _STARTED[:] = [started]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
     set_threads(settings.torch_threads)
     logging.getLogger("ctquant").setLevel(logging.ERROR)
-    if settings.method == "model" and settings.model_path:
-        try:
+    try:
+        cached_model(None, settings.device, "lung")
+        if settings.method == "model" and settings.model_path:
             cached_model(settings.model_path, settings.device)
-        except Exception:  # reported per scan by run_one, not by breaking the pool
-            pass
+    except Exception:  # reported per scan by run_one, not by breaking the pool
+        pass
 
 
 def _tracked(task_fn: Callable[[ScanTask], ScanRecord], index: int, task: ScanTask) -> ScanRecord:
@@ -834,7 +838,7 @@ def _import_distributed():
 class DaskExecutor:
     """Tasks on a Dask cluster: ``address`` (``tcp://host:8786``) or an existing ``client``.
 
-    Each Dask worker process imports ctquant and loads the model once (:func:`cached_model`); all
+    Each Dask worker process imports ctquant and loads the models once (:func:`cached_model`); all
     workers must see the inputs and the output folder under the same paths.
     """
 

@@ -164,14 +164,15 @@ def measure(scan: Scan, lung_labels: np.ndarray, lesion_labels: np.ndarray,
 
 
 def analyse_scan(scan: Scan, *, method: str = "model", device: str = "cpu", config: dict[str, Any] | None = None,
-                 model: Any = None, subject_id: str | None = None, timepoint: str | None = None,
-                 progress: Callable[[str], None] | None = None) -> Result:
+                 model: Any = None, lung_model: Any = None, subject_id: str | None = None,
+                 timepoint: str | None = None, progress: Callable[[str], None] | None = None) -> Result:
     """Lungs, lesions and measures for a loaded scan (no file output): :func:`segment_lungs`,
     :func:`segment_lesions`, :func:`measure` and the provenance.
 
     Args:
         method: ``model`` (the shipped MONAI network) or ``hu`` (HU bands).
-        model: an already loaded lesion model (batch workers load it once); loaded on demand if None.
+        model, lung_model: already loaded lesion and lung models (batch workers load them once); loaded on
+            demand if None.
         progress: called with the name of each stage as it starts (for a status line).
     """
     if method not in METHODS:
@@ -183,7 +184,8 @@ def analyse_scan(scan: Scan, *, method: str = "model", device: str = "cpu", conf
     t0 = time.perf_counter()
     from ..segment.lung_model import load_lung_model
 
-    lung_model = load_lung_model(device=device)
+    if lung_model is None:
+        lung_model = load_lung_model(device=device)
     lung_labels = segment_lungs(scan, lung_model=lung_model)
     timings["lungs"] = time.perf_counter() - t0
     progress(f"segmenting lesions ({method})")
@@ -399,7 +401,7 @@ def _check_seg_source(scan: Scan, seg_format: str) -> None:
 def quantify(input_path: str | Path, *, out_dir: str | Path | None = None, method: str = "model",
              device: str = "auto", subject_id: str | None = None, timepoint: str | None = None,
              config_path: str | Path | None = None, series_uid: str | None = None, seg_format: str = "nifti",
-             model: Any = None, extra_provenance: dict[str, Any] | None = None,
+             model: Any = None, lung_model: Any = None, extra_provenance: dict[str, Any] | None = None,
              progress: Callable[[str], None] | None = None, refuse_other_run: bool = False) -> Result:
     """Load ``input_path`` (DICOM folder/file or volume), segment and measure it: ``ctquant quantify``.
 
@@ -431,7 +433,7 @@ def quantify(input_path: str | Path, *, out_dir: str | Path | None = None, metho
             check_other_run(out_dir, run_identity(scan, subject_id))
         check_free_space(out_dir, estimated_result_bytes(scan, seg_format))
     device = resolve_device(device)  # imports torch: only once the input is known to load
-    result = analyse_scan(scan, method=method, device=device, config=config, model=model,
+    result = analyse_scan(scan, method=method, device=device, config=config, model=model, lung_model=lung_model,
                           subject_id=subject_id, timepoint=timepoint, progress=progress)
     if extra_provenance:
         result.measures["provenance"].update(extra_provenance)
