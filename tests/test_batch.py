@@ -641,3 +641,17 @@ def test_reuse_freed_memory_keeps_large_buffers_in_the_heap():
     assert default_free_mb < 48
     assert tuned_mapped_peak == tuned_mapped_now  # no new mapping: from the heap
     assert tuned_free_mb >= 48  # and kept there, free, for the next buffer
+
+
+def test_each_model_is_loaded_once_per_process_and_kept_apart(monkeypatch):
+    from ctquant.segment import lesion_model, lung_model
+
+    loads = []
+    monkeypatch.setattr(batch, "_MODELS", {})
+    for module, name in ((lung_model, "load_lung_model"), (lesion_model, "load_lesion_model")):
+        monkeypatch.setattr(module, name, lambda path=None, device="cpu", _n=name: loads.append(_n) or object())
+    lung = batch.cached_model(None, "cpu", "lung")
+    lesion = batch.cached_model("models/lesion_model.pt", "cpu")
+    assert batch.cached_model(None, "cpu", "lung") is lung
+    assert batch.cached_model("models/lesion_model.pt", "cpu") is lesion is not lung
+    assert loads == ["load_lung_model", "load_lesion_model"]
