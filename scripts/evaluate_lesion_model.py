@@ -60,7 +60,7 @@ sys.path.insert(0, str(REPO_ROOT / "scripts"))
 from ctquant.measures import overlap  # noqa: E402
 from ctquant.segment import lesion_model as lm  # noqa: E402
 from ctquant.errors import CtquantError  # noqa: E402
-from real_ct import load_reference_scan  # noqa: E402
+from real_ct import load_reference_scan, lung_fold_model_path  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DICOM_SUFFIXES = (".dcm",)
@@ -288,27 +288,31 @@ def lesions_hu_method(hu: np.ndarray, lungs: np.ndarray, spacing_mm: tuple[float
 def specificity(model: lm.LesionModel, real_ct: Path, entries: list[dict], with_hu: bool = True) -> list[dict]:
     """GGO / consolidation / opacity % of each lung on scans without pneumonia, per lung mask and method.
 
-    Lung masks: ``product`` (``ctquant.segment.lungs.segment_lungs``) and ``reference`` (the scan's reference
-    in ``configs/real_ct_references.json``); methods: ``model`` and (``with_hu``) ``hu``. Slices in
+    Lung masks: ``product`` (the product's lung step, :func:`ctquant.segment.lung_model.segment_lungs_with_model`,
+    with the lung network trained without the scan when there is one) and ``reference`` (the scan's
+    reference in ``configs/real_ct_references.json``); methods: ``model`` and (``with_hu``) ``hu``. Slices in
     ``exclude_z`` (e.g. a tumour) are left out of both lung masks before measuring.
     """
     from ctquant.config import load_quantify_config
-    from ctquant.segment.lungs import segment_lungs
+    from ctquant.segment.lung_model import load_lung_model, segment_lungs_with_model
     from ctquant.measures.volumes import lung_measures
 
     config = load_quantify_config()
     rows = []
     for entry in entries:
         hu, spacing, reference = load_reference_scan(real_ct, entry["scan"])
+        fold = lung_fold_model_path(entry["scan"])
+        lung_model = load_lung_model(fold if fold.is_file() else None)
         t0 = time.perf_counter()
-        product = segment_lungs(hu, spacing)
+        product = segment_lungs_with_model(hu, spacing, lung_model)
         lung_s = time.perf_counter() - t0
         masks = {"product": product, "reference": reference}
         for low, high in entry.get("exclude_z", []):
             for mask in masks.values():
                 mask[int(low):int(high)] = 0
         row: dict = {"scan": entry["scan"], "shape": list(hu.shape), "spacing_mm": [round(v, 3) for v in spacing],
-                     "lung_step_seconds": round(lung_s, 1), "excluded_z": entry.get("exclude_z", [])}
+                     "lung_step_seconds": round(lung_s, 1),
+                     "lung_model": lung_model.path.name, "excluded_z": entry.get("exclude_z", [])}
         for mask_name, lungs in masks.items():
             methods = {"model": lambda: lm.segment_lesions(hu, lungs, model, spacing_mm=spacing,
                                                            min_component_mm3=model_min_component_mm3())}
