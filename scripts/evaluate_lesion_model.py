@@ -216,7 +216,7 @@ def predictions(model: lm.LesionModel, pairs: list[tuple[str, Path, Path | None]
             t0 = time.perf_counter()
             lungs = segment_lungs(scan.hu, scan.spacing_mm)
             pred = lm.segment_lesions(scan.hu, lungs, model, spacing_mm=scan.spacing_mm,
-                                      min_component_mm3=model_min_component_mm3())
+                                      **model_postprocessing())
             ms = (time.perf_counter() - t0) * 1000.0
             zs = np.flatnonzero((labels if labels is not None else pred).any(axis=(1, 2)))
             for z in zs:
@@ -270,11 +270,12 @@ def evaluate(model: lm.LesionModel, pairs: list[tuple[str, Path, Path | None]]) 
     return rows
 
 
-def model_min_component_mm3() -> float:
-    """``model_min_component_mm3`` of ``configs/quantify.yaml``, as the product applies it to volumes."""
+def model_postprocessing() -> dict[str, float]:
+    """The model's volume post-processing of ``configs/quantify.yaml``, as the product applies it
+    (:func:`ctquant.segment.lesion_model.postprocess_settings`)."""
     from ctquant.config import load_quantify_config
 
-    return float(load_quantify_config().get("model_min_component_mm3", 0.0))
+    return lm.postprocess_settings(load_quantify_config())
 
 
 def lesions_hu_method(hu: np.ndarray, lungs: np.ndarray, spacing_mm: tuple[float, float, float],
@@ -315,7 +316,7 @@ def specificity(model: lm.LesionModel, real_ct: Path, entries: list[dict], with_
                      "lung_model": lung_model.path.name, "excluded_z": entry.get("exclude_z", [])}
         for mask_name, lungs in masks.items():
             methods = {"model": lambda: lm.segment_lesions(hu, lungs, model, spacing_mm=spacing,
-                                                           min_component_mm3=model_min_component_mm3())}
+                                                           **model_postprocessing())}
             if with_hu:
                 methods["hu"] = lambda: lesions_hu_method(hu, lungs, spacing, config)
             for method, run in methods.items():
@@ -378,7 +379,7 @@ def hybrids(model: lm.LesionModel, real_ct: Path, entries: list[dict], seed: int
                 lungs[int(low):int(high)] = 0
             t0 = time.perf_counter()
             pred = lm.segment_lesions(case.hu, lungs, model, spacing_mm=spacing,
-                                      min_component_mm3=model_min_component_mm3())
+                                      **model_postprocessing())
             rows.append({"scan": entry["scan"], "severity": severity, "seed": seed, "lungs": "reference",
                          "seconds": round(time.perf_counter() - t0, 2),
                          **hybrid_scores(pred, case.lesion_labels, lungs)})

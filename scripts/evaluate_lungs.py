@@ -130,7 +130,7 @@ def real_case_rows(scan_name: str, root: Path, hybrid_seed: int, model: LesionMo
     the lung network that adds dense lung, one that never saw this scan; None: the classical step alone)."""
     from ctquant.config import load_quantify_config
     from ctquant.synthetic.hybrid import CONSOLIDATION, GGO, paint_pneumonia
-    from ctquant.segment.lesion_model import segment_lesions
+    from ctquant.segment.lesion_model import postprocess_settings, segment_lesions
     from ctquant.segment.lesions import segment_lesions_hu_config
 
     scan_hu, spacing_mm, ref = load_reference_scan(root, scan_name)
@@ -157,15 +157,15 @@ def real_case_rows(scan_name: str, root: Path, hybrid_seed: int, model: LesionMo
             row.update({"consolidation_kept_pct": kept["all"], "kept_lateral_pct": kept["lateral"],
                         "kept_medial_pct": kept["medial"]})
             methods = {"hu": segment_lesions_hu_config(hu, pred, spacing_mm, config)}
-            min_mm3 = float(config.get("model_min_component_mm3", 0.0))  # as the product runs the model
+            settings = postprocess_settings(config)  # as the product runs the model
             if model is not None:
-                methods["model"] = segment_lesions(hu, pred, model, spacing_mm=spacing_mm, min_component_mm3=min_mm3)
+                methods["model"] = segment_lesions(hu, pred, model, spacing_mm=spacing_mm, **settings)
             for method, lesions in methods.items():
                 for label, key in ((GGO, "ggo"), (CONSOLIDATION, "consolidation")):
                     truth = np.count_nonzero(case.lesion_labels == label)
                     row[f"{method}_{key}_error_pct"] = round(100.0 * (np.count_nonzero(lesions == label) / truth - 1.0), 1)
             if model is not None:
-                in_ref = segment_lesions(hu, ref, model, spacing_mm=spacing_mm, min_component_mm3=min_mm3)
+                in_ref = segment_lesions(hu, ref, model, spacing_mm=spacing_mm, **settings)
                 row["model_calls_consolidation_pct"] = round(
                     100.0 * np.count_nonzero(cons & (in_ref == CONSOLIDATION)) / np.count_nonzero(cons), 1)
         rows.append(row)

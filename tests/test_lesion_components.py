@@ -1,4 +1,4 @@
-"""ctquant.segment.lesions.remove_small (cc3d) against scipy.ndimage.label on random masks."""
+"""ctquant.segment.lesions: remove_small (cc3d) and opening_mm (ball morphology) against their scipy definitions."""
 
 from __future__ import annotations
 
@@ -41,3 +41,28 @@ def test_remove_small_trivial_and_refused_inputs():
         remove_small(mask, 2.0, connectivity=4)
     with pytest.raises(ValueError):
         remove_small(np.ones(10, bool), 2.0)
+
+
+@pytest.mark.parametrize("diameter_mm, spacing_mm", [(3.0, (1.25, 0.7, 0.7)), (8.0, (3.0, 1.0, 1.0)), (5.0, (2.0, 2.0, 2.0))])
+def test_opening_mm_is_the_distance_map_opening(diameter_mm, spacing_mm):
+    """The ball erosion / dilation of opening_mm gives, voxel for voxel, the distance-map definition
+    (keep what lies within the radius of a voxel at least the radius from the background), also where
+    the mask touches the array's edge."""
+    from ctquant.segment.grid import block_majority, upsample_blocks
+    from ctquant.segment.lesions import opening_mm
+
+    rng = np.random.default_rng(3)
+    mask = ndi.gaussian_filter(rng.random((24, 60, 60)), 2.0) > 0.5
+    mask[:, :, :3] = True                              # touches the edge
+    radius = diameter_mm / 2.0
+    factors = tuple(max(1, int(1.5 // s)) for s in spacing_mm)
+    small = block_majority(mask, factors) if factors != (1, 1, 1) else mask
+    spacing = tuple(s * f for s, f in zip(spacing_mm, factors))
+    core = ndi.distance_transform_edt(small, sampling=spacing) >= radius
+    expected = ndi.distance_transform_edt(~core, sampling=spacing) < radius
+    if factors != (1, 1, 1):
+        expected = upsample_blocks(ndi.binary_dilation(expected), factors, mask.shape, pad_mode="constant")
+    expected &= mask
+    got = opening_mm(mask, spacing_mm, diameter_mm)
+    assert 0 < got.sum() < mask.sum()
+    assert np.array_equal(got, expected)

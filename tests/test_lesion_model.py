@@ -446,8 +446,26 @@ def test_model_min_component_is_a_config_key_the_product_applies(monkeypatch):
         spacing_mm = (2.0, 0.5, 0.5)
 
     run_scan.segment_lesions(FakeScan(), np.ones((4, 8, 8), np.uint8), method="model", model=object(),
-                             config={"model_min_component_mm3": 123.0})
-    assert seen == {"spacing_mm": (2.0, 0.5, 0.5), "min_component_mm3": 123.0}
+                             config={"model_min_component_mm3": 123.0, "model_min_ggo_thickness_mm": 2.5})
+    assert seen == {"spacing_mm": (2.0, 0.5, 0.5), "min_component_mm3": 123.0, "min_ggo_thickness_mm": 2.5}
+    assert load_quantify_config()["model_min_ggo_thickness_mm"] > 0
+
+
+def test_thin_ggo_rim_is_dropped_thick_ggo_and_consolidation_kept():
+    """A 1-voxel (1 mm) GGO rim goes at a 3 mm minimum thickness; a 10 mm GGO block and a thin
+    consolidation stay, voxel for voxel."""
+    from ctquant.segment.lesion_model import CONSOLIDATION, GGO, remove_thin_ggo
+
+    spacing = (3.0, 1.0, 1.0)
+    labels = np.zeros((6, 40, 40), np.uint8)
+    labels[1:5, 5:15, 5:15] = GGO             # 12 mm x 10 mm x 10 mm
+    labels[1:5, 30, 5:35] = GGO               # 1 mm thick rim
+    labels[1:5, 35, 5:35] = CONSOLIDATION     # thin consolidation: not this rule's business
+    out = remove_thin_ggo(labels, spacing, 3.0)
+    assert np.array_equal(out[:, 5:15, 5:15], labels[:, 5:15, 5:15])
+    assert not (out[:, 30] == GGO).any()
+    assert np.array_equal(out[:, 35], labels[:, 35])
+    assert np.array_equal(remove_thin_ggo(labels, spacing, 0.0), labels)
 
 
 # ------------------------------------------------------- painted positives (issue 15, consolidation)

@@ -209,6 +209,21 @@ def test_block_mean_edge_is_the_padded_block_mean_to_the_bit(shape, factors):
         block_mean_edge(hu.astype(np.float32), factors)
 
 
+@pytest.mark.parametrize("shape, factors", [((11, 13, 17), (2, 3, 4)), ((12, 12, 16), (1, 2, 2)),
+                                            ((5, 6, 7), (1, 1, 1))])
+@pytest.mark.parametrize("share", [0.3, 0.5, 0.7])
+def test_block_majority_is_half_of_the_block_mean(shape, factors, share):
+    """block_majority's integer counts set exactly the blocks whose float32 mean is >= 0.5 (ties included,
+    trailing partial blocks dropped)."""
+    from ctquant.segment.grid import block_majority, block_mean
+
+    mask = np.random.default_rng(int(share * 10)).random(shape) < share
+    got = block_majority(mask, factors)
+    assert got.dtype == bool and np.array_equal(got, block_mean(mask, factors) >= 0.5)
+    if share == 0.5:  # blocks both ways
+        assert got.any() and not got.all()
+
+
 @pytest.mark.parametrize("pad_mode", ["edge", "constant"])
 def test_upsample_blocks_repeats_each_block(pad_mode):
     from ctquant.segment.grid import upsample_blocks

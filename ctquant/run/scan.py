@@ -143,11 +143,10 @@ def segment_lesions(scan: Scan, lung_labels: np.ndarray, *, method: str = "model
         from ..segment.lesions import segment_lesions_hu_config
 
         return segment_lesions_hu_config(scan.hu, lung_labels, scan.spacing_mm, config or load_quantify_config())
-    from ..segment.lesion_model import load_lesion_model, segment_lesions as lesions_of
+    from ..segment.lesion_model import load_lesion_model, postprocess_settings, segment_lesions as lesions_of
 
-    min_mm3 = float((config or load_quantify_config()).get("model_min_component_mm3", 0.0))
     return lesions_of(scan.hu, lung_labels, model or load_lesion_model(device=device), spacing_mm=scan.spacing_mm,
-                      min_component_mm3=min_mm3)
+                      **postprocess_settings(config or load_quantify_config()))
 
 
 def measure(scan: Scan, lung_labels: np.ndarray, lesion_labels: np.ndarray,

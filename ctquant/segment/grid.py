@@ -79,8 +79,18 @@ def _block_sum_axis(volume: np.ndarray, factor: int, axis: int) -> np.ndarray:
 
 
 def block_majority(mask: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
-    """Downsample a boolean volume by whole blocks of ``factors``: a block is set when most of it is."""
-    return block_mean(mask, factors) >= 0.5
+    """Downsample a boolean volume by whole blocks of ``factors``: a block is set when at least half of it is.
+
+    Trailing voxels that do not fill a whole block are dropped (as in :func:`block_mean`, whose
+    ``>= 0.5`` it equals to the voxel); the counts are integer sums, not float means.
+    """
+    crop = tuple(n - n % f for n, f in zip(mask.shape, factors))
+    whole = mask[: crop[0], : crop[1], : crop[2]]
+    counts = (whole if whole.dtype == bool else whole != 0).view(np.uint8)
+    for axis, f in enumerate(factors):
+        if f > 1:
+            counts = _block_sum_axis(counts, f, axis)
+    return 2 * np.asarray(counts) >= int(np.prod(factors))
 
 
 def upsample_blocks(coarse: np.ndarray, factors: tuple[int, int, int], shape: tuple[int, ...],

@@ -322,17 +322,39 @@ def remove_small_lesions(labels: np.ndarray, spacing_mm: tuple[float, float, flo
     return labels * keep
 
 
+def remove_thin_ggo(labels: np.ndarray, spacing_mm: tuple[float, float, float], min_thickness_mm: float
+                    ) -> np.ndarray:
+    """``labels`` with the ground glass thinner than ``min_thickness_mm`` set to background: a 3D opening with
+    a ball of that diameter (:func:`ctquant.segment.lesions.opening_mm`, the HU method's rule), against the
+    voxel-thick partial-volume and dependent-density rims along the pleura of normal lungs."""
+    from .lesions import opening_mm
+
+    ggo = labels == GGO
+    if min_thickness_mm <= 0 or not ggo.any():
+        return labels
+    return np.where(ggo & ~opening_mm(ggo, spacing_mm, min_thickness_mm), 0, labels).astype(labels.dtype)
+
+
+def postprocess_settings(config: dict[str, Any]) -> dict[str, float]:
+    """The keyword arguments of :func:`segment_lesions` that a quantify config sets on volumes:
+    ``model_min_component_mm3`` and ``model_min_ggo_thickness_mm`` (0 when absent)."""
+    return {"min_component_mm3": float(config.get("model_min_component_mm3", 0.0)),
+            "min_ggo_thickness_mm": float(config.get("model_min_ggo_thickness_mm", 0.0))}
+
+
 def segment_lesions(hu: np.ndarray, lung_mask: np.ndarray, model: LesionModel, batch_size: int | None = None,
                     margin_fraction: float = DEFAULT_CROP_MARGIN_FRACTION,
                     spacing_mm: tuple[float, float, float] | None = None,
-                    min_component_mm3: float = 0.0) -> np.ndarray:
+                    min_component_mm3: float = 0.0, min_ggo_thickness_mm: float = 0.0) -> np.ndarray:
     """GGO (1) and consolidation (2) labels (z, y, x) uint8 of an HU volume, zero outside ``lung_mask``.
 
     Only slices containing lung are run; each is cropped to the lung bounding box (see
     :func:`lung_crop_box`), normalised with :func:`hu_to_unit` at the model's HU window and passed
     through :func:`predict_slices`, ``batch_size`` slices at a time (default :data:`DEFAULT_BATCH_SIZE`).
-    With ``spacing_mm`` and ``min_component_mm3`` > 0, lesion components smaller than that are dropped
-    (:func:`remove_small_lesions`; ``configs/quantify.yaml`` ``model_min_component_mm3``).
+    With ``spacing_mm``, ground glass thinner than ``min_ggo_thickness_mm`` (:func:`remove_thin_ggo`), then
+    lesion components smaller than ``min_component_mm3`` (:func:`remove_small_lesions`) are dropped
+    (``configs/quantify.yaml`` ``model_min_ggo_thickness_mm``, ``model_min_component_mm3``; see
+    :func:`postprocess_settings`).
     """
     hu = np.asarray(hu)
     lung = _lung_values(lung_mask)
@@ -352,6 +374,8 @@ def segment_lesions(hu: np.ndarray, lung_mask: np.ndarray, model: LesionModel, b
             zs = slice(int(zs[0]), int(zs[-1]) + 1)
         pred = predict_slices(model, hu_to_unit(hu[zs, y_box, x_box], model.hu_window), batch_size=batch_size)
         labels[zs, y_box, x_box] = pred * (lung[zs, y_box, x_box] > 0)
+    if spacing_mm is not None and min_ggo_thickness_mm > 0:
+        labels[z_box, y_box, x_box] = remove_thin_ggo(labels[z_box, y_box, x_box], spacing_mm, min_ggo_thickness_mm)
     if spacing_mm is not None and min_component_mm3 > 0:
         labels[z_box, y_box, x_box] = remove_small_lesions(labels[z_box, y_box, x_box], spacing_mm, min_component_mm3)
     return labels

@@ -24,17 +24,26 @@ VESSEL_SETTINGS = ("min_consolidation_thickness_mm", "vessel_min_hu", "vessel_si
 _CC3D_CONNECTIVITY = {2: (4, 8), 3: (6, 18, 26)}
 
 
+def ball_mm(spacing_mm: tuple[float, ...], radius_mm: float) -> np.ndarray:
+    """Boolean structuring element: the voxel offsets (on a grid of ``spacing_mm``) closer than ``radius_mm``."""
+    half = [int(np.ceil(radius_mm / s)) for s in spacing_mm]
+    axes = np.meshgrid(*[np.arange(-h, h + 1) * s for h, s in zip(half, spacing_mm)], indexing="ij")
+    return sum(a ** 2 for a in axes) < radius_mm ** 2
+
+
 def opening_mm(mask: np.ndarray, spacing_mm: tuple[float, float, float], diameter_mm: float,
                work_mm: float = 1.5) -> np.ndarray:
     """Morphological opening with a ball of ``diameter_mm``: keeps the parts at least that thick.
 
     Fine grids are opened on a grid of about ``work_mm`` (block majority), and the result, grown by
-    one block, is intersected with the full-resolution mask; distance maps do the ball operations.
+    one block, is intersected with the full-resolution mask. The ball is the voxel offsets closer than
+    ``diameter_mm / 2`` (:func:`ball_mm`): an erosion and a dilation with it are exactly the distance-map
+    definition (core: distance to the background ≥ radius; opened: distance to the core < radius).
     """
     if diameter_mm <= 0 or not mask.any():
         return mask.copy()
     radius = diameter_mm / 2.0
-    box = ndi.find_objects(mask.astype(np.uint8))[0]
+    box = bounding_box(mask)
     pad = [int(np.ceil(radius / s)) + 2 for s in spacing_mm]
     box = tuple(slice(max(0, b.start - p), min(n, b.stop + p)) for b, p, n in zip(box, pad, mask.shape))
     sub = mask[box]
@@ -44,8 +53,9 @@ def opening_mm(mask: np.ndarray, spacing_mm: tuple[float, float, float], diamete
         spacing = tuple(s * f for s, f in zip(spacing_mm, factors))
     else:
         small, spacing = sub, spacing_mm
-    core = ndi.distance_transform_edt(small, sampling=spacing) >= radius
-    opened = (ndi.distance_transform_edt(~core, sampling=spacing) < radius) if core.any() else np.zeros_like(small)
+    ball = ball_mm(spacing, radius)
+    core = ndi.binary_erosion(small, ball, border_value=1)  # outside the array is not background
+    opened = ndi.binary_dilation(core, ball) if core.any() else np.zeros_like(small)
     if factors != (1, 1, 1):
         opened = upsample_blocks(ndi.binary_dilation(opened), factors, sub.shape, pad_mode="constant")
     out = np.zeros_like(mask)
