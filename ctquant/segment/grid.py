@@ -85,12 +85,11 @@ def block_majority(mask: np.ndarray, factors: tuple[int, int, int]) -> np.ndarra
     ``>= 0.5`` it equals to the voxel); the counts are integer sums, not float means.
     """
     crop = tuple(n - n % f for n, f in zip(mask.shape, factors))
-    whole = mask[: crop[0], : crop[1], : crop[2]]
-    counts = (whole if whole.dtype == bool else whole != 0).view(np.uint8)
+    counts = mask[: crop[0], : crop[1], : crop[2]].astype(bool, copy=False).view(np.uint8)
     for axis, f in enumerate(factors):
         if f > 1:
             counts = _block_sum_axis(counts, f, axis)
-    return 2 * np.asarray(counts) >= int(np.prod(factors))
+    return 2 * counts >= int(np.prod(factors))
 
 
 def upsample_blocks(coarse: np.ndarray, factors: tuple[int, int, int], shape: tuple[int, ...],

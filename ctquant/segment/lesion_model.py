@@ -332,7 +332,9 @@ def remove_thin_ggo(labels: np.ndarray, spacing_mm: tuple[float, float, float], 
     ggo = labels == GGO
     if min_thickness_mm <= 0 or not ggo.any():
         return labels
-    return np.where(ggo & ~opening_mm(ggo, spacing_mm, min_thickness_mm), 0, labels).astype(labels.dtype)
+    out = labels.copy()
+    out[ggo & ~opening_mm(ggo, spacing_mm, min_thickness_mm)] = 0
+    return out
 
 
 def postprocess_settings(config: dict[str, Any]) -> dict[str, float]:
