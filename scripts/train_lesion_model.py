@@ -8,7 +8,9 @@ Recipe (hyper-parameters in ``configs/lesion_model.yaml``):
 2. fine-tune 3-class on the ``medseg-2d`` training slices (radiologist labels), with a few pseudo
    slices mixed into each batch under the lesion-vs-background loss at a lower weight, all-background
    lung crops of real HU scans without pneumonia (``negatives``) and, when ``hybrids.batch_size`` > 0,
-   painted positives: those scans with pneumonia painted in (:func:`load_hybrids`), under the medseg loss;
+   painted positives: those scans with pneumonia painted in (:func:`load_hybrids`), under the medseg loss,
+   and, when ``self_training.batch_size`` > 0, unlabelled real COVID-19 HU slices labelled by the starting
+   network where it is confident (:func:`load_unlabelled`, :func:`teacher_labels`);
 3. validate on the held-out slices of ``configs/lesion_split.json`` every epoch, exactly as the
    product predicts (ctquant.segment.lesion_model.predict_proba at full resolution), with monai.metrics.
 
@@ -243,6 +245,71 @@ def load_hybrids(root: Path, entries: list[dict], cfg: dict[str, Any], size_px: 
     return torch.cat(xs), torch.cat(ys), names
 
 
+def average_weights(start: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], alpha: float
+                    ) -> dict[str, torch.Tensor]:
+    """``alpha`` x ``trained`` + (1 - ``alpha``) x ``start`` for every floating-point tensor of two state dicts of
+    one network (weight-space ensembling of a fine-tuning with its starting point; Wortsman et al., WiSE-FT,
+    CVPR 2022); other tensors are taken from ``trained``."""
+    if start.keys() != trained.keys():
+        raise ValueError("state dicts of different networks")
+    return {k: (1.0 - alpha) * start[k] + alpha * v if v.is_floating_point() else v.clone() for k, v in trained.items()}
+
+
+IGNORE_LABEL = 255  # pixels a pseudo-labelled slice leaves out of the loss
+
+
+def load_unlabelled(root: Path, scans: list[str], size_px: tuple[int, int], window_hu: tuple[float, float]
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Unlabelled real HU scans as the product sees them: (uint8 crops (n, h, w), uint8 lung (n, h, w), names).
+
+    Each scan (a DICOM folder or volume under ``real-ct``) is read with :func:`ctquant.io.scans.load_scan`,
+    its lungs come from the product's lung step (classical step + shipped lung network), and every slice
+    holding lung is cropped by :func:`ctquant.segment.lesion_model.lung_slice_crops` and resized to the
+    model input (the lung mask nearest).
+    """
+    from ctquant.io.scans import load_scan
+    from ctquant.segment.lung_model import load_lung_model, segment_lungs_with_model
+
+    xs, lungs_out, names = [], [], []
+    lung_model = load_lung_model() if scans else None
+    for name in scans:
+        t0 = time.monotonic()
+        scan = load_scan(root / "real-ct" / name)
+        lungs = segment_lungs_with_model(scan.hu, scan.spacing_mm, lung_model) > 0
+        zs, box, unit = lm.lung_slice_crops(scan.hu, lungs, window_hu)
+        if box is None:
+            continue
+        x = lm.resize_unit_slices(unit, size_px)[:, 0]
+        lung = F.interpolate(torch.as_tensor(lungs[zs][:, box[1], box[2]][:, None].astype(np.float32)),
+                             size=size_px, mode="nearest")[:, 0]
+        xs.append((x * 255.0 + 0.5).clamp(0, 255).to(torch.uint8))
+        lungs_out.append(lung.to(torch.uint8))
+        names += [f"{name}#{int(z)}" for z in zs]
+        log.info("unlabelled: %s, %d slices (%.0f s)", name, len(zs), time.monotonic() - t0)
+    if not xs:
+        empty = torch.zeros((0, *size_px), dtype=torch.uint8)
+        return empty, empty.clone(), []
+    return torch.cat(xs), torch.cat(lungs_out), names
+
+
+@torch.no_grad()
+def teacher_labels(network: torch.nn.Module, x_uint8: torch.Tensor, lung_uint8: torch.Tensor,
+                   min_confidence: float, batch_size: int = 32) -> torch.Tensor:
+    """Pseudo labels (n, h, w) uint8 of model-size crops: the network's argmax where its softmax is at least
+    ``min_confidence`` inside the lung, :data:`IGNORE_LABEL` elsewhere (outside the lung the product
+    discards the output, so nothing is taught there)."""
+    was_training = network.training
+    network.eval()
+    out = []
+    for start in range(0, len(x_uint8), batch_size):
+        x = x_uint8[start:start + batch_size].float()[:, None] / 255.0
+        prob, label = torch.softmax(network(x), dim=1).max(dim=1)
+        keep = (prob >= float(min_confidence)) & (lung_uint8[start:start + batch_size] > 0)
+        out.append(torch.where(keep, label, torch.full_like(label, IGNORE_LABEL)).to(torch.uint8))
+    network.train(was_training)
+    return torch.cat(out) if out else torch.zeros_like(x_uint8)
+
+
 def cv_split(root: Path, names: list[str], fold: int, n_folds: int, seed: int) -> dict[str, list[str]]:
     """Fold ``fold`` of ``n_folds``, stratified by lesion share (sorted, then dealt out in shuffled rounds)."""
     share = {n: float((read_label(root / "medseg-2d" / "labels" / f"{Path(n).stem}.png") > 0).mean()) for n in names}
@@ -363,15 +430,19 @@ def write_bundle_configs(config: dict[str, Any], checkpoint_name: str) -> None:
         "checkpoint": "$torch.load(@checkpoint_path, map_location=@device, weights_only=True)",
         "load_weights": "$@network.load_state_dict(@checkpoint['state_dict'])",
         "note": ("Builds the network and loads the shipped weights. The product's pre/post-processing "
-                 "(HU window, lung crop, resize, argmax) lives in ctquant.segment.lesion_model.segment_lesions."),
+                 "(HU window, lung crop, resize, argmax; on volumes, ground glass thinner than configs/quantify.yaml "
+                 "model_min_ggo_thickness_mm and lesion components under model_min_component_mm3 dropped) lives in "
+                 "ctquant.segment.lesion_model.segment_lesions."),
     }
     (REPO_ROOT / "configs" / "inference.json").write_text(json.dumps(inference, indent=2) + "\n")
     size = list(config["model"]["input_size"])
     window = list(config["model"]["hu_window"])
     metadata = {
         "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json",
-        "version": "0.2.0",
-        "changelog": {"0.2.0": "fine-tuned with all-background lung crops of real HU scans without pneumonia "
+        "version": "0.3.0",
+        "changelog": {"0.3.0": "0.2.0 fine-tuned with pneumonia painted into the training negatives' scans "
+                               "(configs/lesion_model.yaml hybrids), weights averaged half and half with 0.2.0",
+                      "0.2.0": "fine-tuned with all-background lung crops of real HU scans without pneumonia "
                                "(configs/lesion_split.json real_ct_negatives)",
                       "0.1.0": f"first model: {arch['name']} trained on medseg-2d (35 slices) after pseudo-label pre-training"},
         "monai_version": monai.__version__,
@@ -385,7 +456,8 @@ def write_bundle_configs(config: dict[str, Any], checkpoint_name: str) -> None:
         "copyright": "Apache-2.0 (code); training data MedSeg (CC0) and Inf-Net redistributions (MIT)",
         "data_source": ("medseg-2d (MedSeg via DengPingFan/Inf-Net), semiseg-pseudo (Inf-Net pseudo labels) and "
                         "all-background lung crops of real HU scans without pneumonia (TCIA Lung-PET-CT-Dx A0001, "
-                        "COPDGene 10002K via the Chest Imaging Platform)"),
+                        "COPDGene 10002K via the Chest Imaging Platform), the same two scans with pneumonia painted "
+                        "in (ctquant.synthetic.hybrid)"),
         "data_type": "8-bit display-window exports for training; HU volumes in the product",
         "intended_use": "Research and trial endpoint quantification; not for clinical diagnosis",
         "network_data_format": {
@@ -418,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--no-bundle", action="store_true", help="do not rewrite configs/inference.json, metadata.json")
     parser.add_argument("--init", default=None, help="start from this checkpoint's weights (e.g. a saved pre-training)")
+    parser.add_argument("--average-with-init", type=float, default=None, metavar="ALPHA",
+                        help="after training, ship ALPHA x the trained weights + (1 - ALPHA) x the --init weights "
+                             "(weight-space ensembling of a fine-tuning, WiSE-FT) and validate that")
     parser.add_argument("--save-pretrained", default=None, help="also save the weights after pre-training here")
     parser.add_argument("--cv-fold", default=None, metavar="K/N",
                         help="cross-validation: hold out fold K of N (0-based) of all medseg-2d slices instead of "
@@ -474,6 +549,14 @@ def main(argv: list[str] | None = None) -> int:
             n_hybrid = 0
         else:  # a fixed subset to monitor painted consolidation called consolidation
             monitor_idx = np.random.default_rng(seed).choice(len(hyb_x), size=min(64, len(hyb_x)), replace=False)
+    st_cfg = config.get("self_training", {}) or {}
+    n_self = int(st_cfg.get("batch_size", 0)) if fin["steps"] > 0 else 0
+    st_names: list[str] = []
+    if n_self:
+        st_x, st_lung, st_names = load_unlabelled(root, list(st_cfg.get("scans", [])), size_px,
+                                                  tuple(config["model"]["hu_window"]))
+        if not len(st_x):
+            n_self = 0
     log.info("medseg: %d train / %d val slices; data loaded in %.0f s", len(train_x), len(val_x),
              time.monotonic() - started)
 
@@ -487,11 +570,21 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("config HU window %s differs from lesion_model.DEFAULT_HU_WINDOW %s",
                     metadata["hu_window"], lm.DEFAULT_HU_WINDOW)
     network = lm.build_network(config["model"]["architecture"])
+    init_state = None
     if args.init:
         network.load_state_dict(lm.load_lesion_model(args.init).network.state_dict())
+        init_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
         log.info("initialised from %s", args.init)
+    if args.average_with_init is not None and (init_state is None or not 0.0 <= args.average_with_init <= 1.0):
+        parser.error("--average-with-init needs --init and an ALPHA in [0, 1]")
     n_params = sum(p.numel() for p in network.parameters())
     log.info("network %s, %.2f M parameters, input %s", config["model"]["architecture"]["name"], n_params / 1e6, size_px)
+    if n_self:  # the starting network is the teacher: its confident labels are fixed before fine-tuning
+        st_y = teacher_labels(network, st_x, st_lung, float(st_cfg.get("min_confidence", 0.9)))
+        taught = st_y != IGNORE_LABEL
+        log.info("self-training: %d slices, %.1f %% of their pixels labelled (%.2f %% GGO, %.2f %% consolidation)",
+                 len(st_y), 100.0 * float(taught.float().mean()), 100.0 * float((st_y == lm.GGO).float().mean()),
+                 100.0 * float((st_y == lm.CONSOLIDATION).float().mean()))
     augment = make_augment(config["augment"], size_px, seed)
     rng = np.random.default_rng(seed)
     lesion_loss = LesionVsBackgroundLoss()
@@ -557,6 +650,10 @@ def main(argv: list[str] | None = None) -> int:
                 nx, _ = augment_batch(augment, [neg_x[i].float() / 255.0 for i in nidx],
                                       [torch.zeros_like(neg_x[i]) for i in nidx])
                 parts.append(nx)
+            if n_self:
+                sidx = rng.integers(0, len(st_x), n_self)
+                sx, sy = augment_batch(augment, [st_x[i].float() / 255.0 for i in sidx], [st_y[i] for i in sidx])
+                parts.append(sx)
             if n_hybrid:
                 hidx = rng.integers(0, len(hyb_x), n_hybrid)
                 hx, hy = augment_batch(augment, [hyb_x[i].float() / 255.0 for i in hidx], [hyb_y[i] for i in hidx])
@@ -569,6 +666,10 @@ def main(argv: list[str] | None = None) -> int:
                 neg_logits = logits[len(x) + n_pseudo:len(x) + n_pseudo + n_negative]
                 target = torch.zeros((len(neg_logits), *neg_logits.shape[2:]), dtype=torch.long)
                 loss = loss + float(neg_cfg["loss_weight"]) * F.cross_entropy(neg_logits, target)
+            if n_self and bool((sy != IGNORE_LABEL).any()):  # cross-entropy on the teacher's confident pixels
+                start = len(x) + n_pseudo + n_negative
+                loss = loss + float(st_cfg.get("loss_weight", 0.5)) * F.cross_entropy(
+                    logits[start:start + n_self], sy[:, 0], ignore_index=IGNORE_LABEL)
             if n_hybrid:  # the same loss as the medseg slices
                 loss = loss + float(hyb_cfg.get("loss_weight", 1.0)) * dice_ce(logits[-n_hybrid:], hy)
             loss.backward()
@@ -608,6 +709,11 @@ def main(argv: list[str] | None = None) -> int:
         chosen, chosen_val = f"best (step {best['step']})", best["val"]
     else:
         chosen, chosen_val = f"last (step {step})", val
+    if args.average_with_init is not None:
+        network.load_state_dict(average_weights(init_state, network.state_dict(), args.average_with_init))
+        chosen_val = validate(network, metadata, val_x, val_y)
+        chosen = f"{chosen} averaged with --init: {args.average_with_init:g} x trained + {1 - args.average_with_init:g} x init"
+        log.info("weight-averaged with the starting weights (alpha %g): val %s", args.average_with_init, chosen_val)
     wall_min = (time.monotonic() - started) / 60.0
     metadata["training"] = {
         "script": "scripts/train_lesion_model.py",
@@ -625,7 +731,13 @@ def main(argv: list[str] | None = None) -> int:
                      "severities": list(hyb_cfg.get("severities", [])), "seeds": list(hyb_cfg.get("seeds", [])),
                      "batch_size": n_hybrid, "loss_weight": float(hyb_cfg.get("loss_weight", 1.0))}
                     if n_hybrid else None),
+        "self_training": ({"what": "unlabelled real HU scans, lungs from the product's lung step, labelled by the "
+                                   "starting network where its softmax >= min_confidence inside the lung",
+                           "scans": sorted({n.split("#")[0] for n in st_names}), "n_slices": len(st_names),
+                           "min_confidence": float(st_cfg.get("min_confidence", 0.9)), "batch_size": n_self,
+                           "loss_weight": float(st_cfg.get("loss_weight", 0.5))} if n_self else None),
         "init": str(args.init) if args.init else None,
+        "average_with_init": args.average_with_init,
         "checkpoint": chosen,
         "validation_at_checkpoint": chosen_val,
         "best_validation": {"step": best["step"], **(best["val"] or {})},

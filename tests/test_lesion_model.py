@@ -366,8 +366,9 @@ def test_specificity_on_held_out_normal_scan(shared_data, tmp_path):
     for row in result["scans"]:
         ref = row["model_in_reference_lungs"]
         for side in ("right", "left"):
-            # issue target GGO <= 0.5 % per lung: met on the left, not on the right (0.57 %); v0.1.0 read 1.29 %
-            assert ref[side]["ggo_pct"] <= 0.6, (row["scan"], side, ref[side])
+            # issue target GGO <= 0.5 % per lung, met since the 3 mm GGO thickness rule (v0.3.0: 0.42 / 0.12 %;
+            # v0.2.0 without the rule 0.56 / 0.19 %, v0.1.0 1.29 / 0.91 %)
+            assert ref[side]["ggo_pct"] <= 0.5, (row["scan"], side, ref[side])
             assert ref[side]["consolidation_pct"] <= 0.3, (row["scan"], side, ref[side])
             assert ref[side]["opacity_pct"] <= 0.8
             assert ref[side]["lung_volume_ml"] > 500
@@ -526,6 +527,64 @@ def test_load_hybrids_paints_the_training_scan_with_aligned_labels(shared_data):
     again, again_labels, _ = train.load_hybrids(shared_data, [entry], {"severities": ["moderate"], "seeds": [11]},
                                                 (96, 96), lm.DEFAULT_HU_WINDOW)
     assert torch.equal(again, crops) and torch.equal(again_labels, labels)  # deterministic by seed
+
+
+class _FixedLogits(torch.nn.Module):
+    """A stand-in network: logits that depend only on the pixel's grey value (background below 0.3,
+    GGO from 0.3, consolidation from 0.6; confident except near 0.45, where GGO and background tie)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = x[:, 0]
+        background = 40.0 * (0.45 - g)
+        ggo = torch.zeros_like(g)
+        consolidation = 100.0 * (g - 0.7)
+        return torch.stack([background, ggo, consolidation], dim=1)
+
+
+def test_teacher_labels_keep_only_confident_pixels_inside_the_lung():
+    """Self-training labels: the teacher's argmax where it is sure, inside the lung; ignored elsewhere."""
+    train = _train_module()
+    grey = torch.tensor([[0.0, 0.45, 0.6, 1.0]] * 2)          # background, unsure, GGO, consolidation
+    x = (grey[None] * 255).round().to(torch.uint8).repeat(3, 1, 1)
+    lung = torch.ones_like(x)
+    lung[1, 1] = 0                                              # the second row of slice 1 is outside the lung
+    network = _FixedLogits().train()
+    labels = train.teacher_labels(network, x, lung, min_confidence=0.9, batch_size=2)
+    assert network.training  # left as it was found
+    ignore = train.IGNORE_LABEL
+    assert labels.dtype == torch.uint8 and labels.shape == x.shape
+    assert labels[0, 0].tolist() == [lm.BACKGROUND, ignore, lm.GGO, lm.CONSOLIDATION]
+    assert labels[1, 1].tolist() == [ignore] * 4
+    assert torch.equal(labels[2], labels[0])
+    everything = train.teacher_labels(network, x, lung, min_confidence=0.0)  # no floor: the argmax in the lung
+    assert (everything[lung > 0] != ignore).all() and (everything[lung == 0] == ignore).all()
+
+
+def test_load_unlabelled_crops_the_real_covid_scan_as_the_product_does(shared_data):
+    """RICORD 000082 (real COVID-19, no outlines): one crop per slice with lung, its lung mask on the same
+    pixels (aerated lung, mostly below -600 HU, where the mask says lung; soft tissue and air outside)."""
+    train = _train_module()
+    crops, lung, names = train.load_unlabelled(shared_data, ["ricord-1a-000082"], (96, 96), lm.DEFAULT_HU_WINDOW)
+    assert crops.shape == lung.shape and crops.shape[0] == len(names) > 150
+    assert crops.dtype == lung.dtype == torch.uint8 and names[0].startswith("ricord-1a-000082#")
+    unit = crops.float().numpy() / 255.0
+    inside = lung.numpy() > 0
+    assert 0.15 < inside.mean() < 0.7
+    assert np.median(unit[inside]) < float(lm.hu_to_unit(np.array([-600.0]))[0])
+    assert np.median(unit[~inside]) > np.median(unit[inside])
+
+
+def test_average_weights_interpolates_floating_point_tensors_only():
+    """WiSE-FT averaging of a fine-tuning with its start: alpha 0 is the start, 1 the trained weights."""
+    train = _train_module()
+    start = {"w": torch.zeros(3), "steps": torch.tensor([2])}
+    trained = {"w": torch.tensor([1.0, 2.0, 4.0]), "steps": torch.tensor([7])}
+    half = train.average_weights(start, trained, 0.5)
+    assert torch.equal(half["w"], torch.tensor([0.5, 1.0, 2.0])) and torch.equal(half["steps"], torch.tensor([7]))
+    assert torch.equal(train.average_weights(start, trained, 0.0)["w"], start["w"])
+    assert torch.equal(train.average_weights(start, trained, 1.0)["w"], trained["w"])
+    with pytest.raises(ValueError):
+        train.average_weights({"v": torch.zeros(3)}, trained, 0.5)
 
 
 def test_hybrid_scores_count_a_known_case():
