@@ -264,8 +264,7 @@ def load_unlabelled(root: Path, scans: list[str], size_px: tuple[int, int], wind
 
     Each scan (a DICOM folder or volume under ``real-ct``) is read with :func:`ctquant.io.scans.load_scan`,
     its lungs come from the product's lung step (classical step + shipped lung network), and every slice
-    holding lung is cropped by :func:`ctquant.segment.lesion_model.lung_slice_crops` and resized to the
-    model input (the lung mask nearest).
+    holding lung is cut and resized by :func:`painted_crops` with the lung mask as its label volume.
     """
     from ctquant.io.scans import load_scan
     from ctquant.segment.lung_model import load_lung_model, segment_lungs_with_model
@@ -275,15 +274,12 @@ def load_unlabelled(root: Path, scans: list[str], size_px: tuple[int, int], wind
     for name in scans:
         t0 = time.monotonic()
         scan = load_scan(root / "real-ct" / name)
-        lungs = segment_lungs_with_model(scan.hu, scan.spacing_mm, lung_model) > 0
-        zs, box, unit = lm.lung_slice_crops(scan.hu, lungs, window_hu)
-        if box is None:
+        lungs = (segment_lungs_with_model(scan.hu, scan.spacing_mm, lung_model) > 0).astype(np.uint8)
+        x, lung, zs = painted_crops(scan.hu, lungs, lungs, size_px, window_hu, min_lesion_px=0)
+        if not len(zs):
             continue
-        x = lm.resize_unit_slices(unit, size_px)[:, 0]
-        lung = F.interpolate(torch.as_tensor(lungs[zs][:, box[1], box[2]][:, None].astype(np.float32)),
-                             size=size_px, mode="nearest")[:, 0]
-        xs.append((x * 255.0 + 0.5).clamp(0, 255).to(torch.uint8))
-        lungs_out.append(lung.to(torch.uint8))
+        xs.append(x)
+        lungs_out.append(lung)
         names += [f"{name}#{int(z)}" for z in zs]
         log.info("unlabelled: %s, %d slices (%.0f s)", name, len(zs), time.monotonic() - t0)
     if not xs:
