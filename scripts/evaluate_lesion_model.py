@@ -51,6 +51,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -417,6 +418,29 @@ def summarise(rows: list[dict]) -> dict:
     }
 
 
+def pool_folds(fold_results: list[dict], what: str) -> dict:
+    """Out-of-fold figures of a cross-validation: the per-image rows of each fold's scoring JSON pooled.
+
+    Each image must be scored by exactly one fold. Returns :func:`summarise` of the pooled rows, the
+    median and the 95 % CI half-width (t distribution) of each Dice, each fold's means, and ``what``: the
+    shape :func:`accuracy_card` takes as its ``cv``.
+    """
+    rows = [row for result in fold_results for row in result["per_image"]]
+    names = [row["name"] for row in rows]
+    if len(set(names)) != len(names):
+        raise ValueError("an image is scored by more than one fold")
+    pooled = {**summarise(rows), "what": what, "n_folds": len(fold_results)}
+    t = float(stats.t.ppf(0.975, len(rows) - 1)) if len(rows) > 1 else float("nan")
+    for key in ("dice_ggo", "dice_consolidation", "dice_lesion"):
+        values = np.array([row[key] for row in rows], dtype=float)
+        pooled[f"{key}_median"] = round(float(np.median(values)), 4)
+        pooled[f"{key}_ci95_half_width"] = round(t * float(values.std(ddof=1)) / np.sqrt(len(values)), 4)
+        pooled[f"{key}_folds"] = [round(float(np.mean([row[key] for row in result["per_image"]])), 4)
+                                  for result in fold_results]
+    pooled["n_images_folds"] = [len(result["per_image"]) for result in fold_results]
+    return pooled
+
+
 def print_table(rows: list[dict], summary: dict) -> None:
     """A plain-text table of per-image and mean figures."""
     header = f"{'image':<14}{'GGO':>7}{'cons':>7}{'lesion':>8}{'area% lab':>11}{'area% pred':>11}{'err':>8}"
@@ -516,7 +540,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record-accuracy", nargs="+", type=Path, metavar="JSON",
                         help="VAL.json SPEC.json [CV.json]: write their figures into --json (configs/metadata.json) "
                              "as ctquant_accuracy, the block the reports quote")
+    parser.add_argument("--pool-folds", nargs="+", type=Path, metavar="JSON",
+                        help="FOLD0.json FOLD1.json ...: each fold's scoring of its held-out slices (--only-split val "
+                             "--split SPLITk.json --model FOLDk.pt); write the pooled out-of-fold figures to --json "
+                             "(the CV.json of --record-accuracy)")
+    parser.add_argument("--what", default="cross-validation", help="--pool-folds: what the folds are (recorded)")
     args = parser.parse_args(argv)
+
+    if args.pool_folds:
+        try:
+            pooled = pool_folds([json.loads(p.read_text()) for p in args.pool_folds], args.what)
+        except (ValueError, KeyError) as exc:
+            _error(args.pool_folds[0], f"cannot pool: {exc}")
+            return 3
+        args.json.write_text(json.dumps(pooled, indent=2) + "\n")
+        print(f"{pooled['n_images']} images in {pooled['n_folds']} folds: GGO {pooled['dice_ggo']:.3f}, "
+              f"consolidation {pooled['dice_consolidation']:.3f}, lesion {pooled['dice_lesion']:.3f} -> {args.json}")
+        return 0
 
     if args.record_accuracy:
         docs = [json.loads(p.read_text()) for p in args.record_accuracy]

@@ -610,3 +610,31 @@ def test_hybrid_scores_count_a_known_case():
     assert scores["consolidation_volume_error_pct"] == -30.0      # 70 predicted for 100 painted
     assert scores["ggo_called_ggo_pct"] == 0.0 and scores["ggo_volume_error_pct"] == 0.0  # 20 predicted, 20 painted
     assert scores["consolidation_painted_pct_of_lung"] == pytest.approx(100 * 100 / 300, abs=0.001)
+
+
+def test_pool_folds_pools_per_image_rows_and_refuses_an_image_scored_twice(tmp_path):
+    """Out-of-fold figures are the mean over all images (not of the fold means); a t-based 95 % CI."""
+    evaluate = _evaluate_module()
+
+    def fold(names, ggo, cons, lesion):
+        return {"per_image": [{"name": n, "dice_ggo": g, "dice_consolidation": c, "dice_lesion": s,
+                               "lesion_area_error_pct": 1.0, "lesion_area_pct_label": 10.0, "lesion_area_pct_pred": 11.0}
+                              for n, g, c, s in zip(names, ggo, cons, lesion)]}
+
+    folds = [fold(["1.png", "2.png", "3.png"], [0.2, 0.4, 0.6], [0.0, 0.0, 0.3], [0.5, 0.5, 0.5]),
+             fold(["4.png"], [1.0], [0.5], [0.9])]
+    pooled = evaluate.pool_folds(folds, "two folds")
+    assert pooled["n_images"] == 4 and pooled["n_folds"] == 2 and pooled["what"] == "two folds"
+    assert pooled["dice_ggo"] == pytest.approx(0.55)            # (0.2 + 0.4 + 0.6 + 1.0) / 4, not (0.4 + 1.0) / 2
+    assert pooled["dice_ggo_folds"] == [0.4, 1.0]
+    assert pooled["dice_consolidation_median"] == pytest.approx(0.15)
+    sd = np.std([0.2, 0.4, 0.6, 1.0], ddof=1)
+    assert pooled["dice_ggo_ci95_half_width"] == pytest.approx(3.182446 * sd / 2, abs=1e-4)  # t(0.975, 3)
+    with pytest.raises(ValueError, match="more than one fold"):
+        evaluate.pool_folds([folds[0], folds[0]], "twice")
+    for k, result in enumerate(folds):
+        (tmp_path / f"eval{k}.json").write_text(json.dumps(result))
+    out = tmp_path / "cv.json"
+    rc = evaluate.main(["--pool-folds", str(tmp_path / "eval0.json"), str(tmp_path / "eval1.json"),
+                        "--what", "two folds", "--json", str(out)])
+    assert rc == 0 and json.loads(out.read_text())["dice_lesion"] == pytest.approx(0.6)
