@@ -37,6 +37,11 @@ reference lung masks::
 
     python scripts/evaluate_lesion_model.py --specificity --json OUT.json [--part held_out]
 
+``--pool-folds`` pools a cross-validation: each fold's scoring of its own held-out slices, one JSON per
+fold, into the out-of-fold figures that ``--record-accuracy`` takes as its CV.json::
+
+    python scripts/evaluate_lesion_model.py --pool-folds EVAL0.json EVAL1.json EVAL2.json --what TEXT --json CV.json
+
 Scores are per-image Dice for GGO, consolidation and lesion (GGO ∪ consolidation), with the
 convention: class absent from both prediction and label → 1, absent from one only → 0; a set's figure
 is the mean over images. Lesion-area error is predicted minus labelled lesion area, in % of image pixels.
@@ -510,6 +515,14 @@ def accuracy_card(val: dict, spec: dict, cv: dict | None = None) -> dict:
     return card
 
 
+def write_json(path: Path, doc: dict) -> None:
+    """Write ``doc`` to ``path`` whole or not at all (a temporary file beside it, then renamed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def _error(where: object, reason: str) -> None:
     print(f"evaluate_lesion_model: error: {where}: {reason}", file=sys.stderr)
 
@@ -553,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, KeyError) as exc:
             _error(args.pool_folds[0], f"cannot pool: {exc}")
             return 3
-        args.json.write_text(json.dumps(pooled, indent=2) + "\n")
+        write_json(args.json, pooled)
         print(f"{pooled['n_images']} images in {pooled['n_folds']} folds: GGO {pooled['dice_ggo']:.3f}, "
               f"consolidation {pooled['dice_consolidation']:.3f}, lesion {pooled['dice_lesion']:.3f} -> {args.json}")
         return 0
@@ -564,9 +577,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--record-accuracy takes VAL.json SPEC.json [CV.json]")
         bundle = json.loads(args.json.read_text())
         bundle["ctquant_accuracy"] = accuracy_card(*docs)
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(bundle, indent=2) + "\n")
-        tmp.replace(args.json)
+        write_json(args.json, bundle)
         print(f"wrote ctquant_accuracy into {args.json}")
         return 0
 
@@ -634,10 +645,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": round(time.perf_counter() - started, 2),
             "per_image": rows,
         }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.json.with_name(args.json.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.json)
+    write_json(args.json, result)
     if args.hybrids:
         for r in rows:
             print(f"{r['scan'][:33]:<34}{r['severity']:<9} consolidation called consolidation "
