@@ -435,14 +435,14 @@ def pool_folds(fold_results: list[dict], what: str) -> dict:
     if len(set(names)) != len(names):
         raise ValueError("an image is scored by more than one fold")
     pooled = {**summarise(rows), "what": what, "n_folds": len(fold_results)}
+    folds = [summarise(result["per_image"]) for result in fold_results]
     t = float(stats.t.ppf(0.975, len(rows) - 1)) if len(rows) > 1 else float("nan")
     for key in ("dice_ggo", "dice_consolidation", "dice_lesion"):
         values = np.array([row[key] for row in rows], dtype=float)
         pooled[f"{key}_median"] = round(float(np.median(values)), 4)
         pooled[f"{key}_ci95_half_width"] = round(t * float(values.std(ddof=1)) / np.sqrt(len(values)), 4)
-        pooled[f"{key}_folds"] = [round(float(np.mean([row[key] for row in result["per_image"]])), 4)
-                                  for result in fold_results]
-    pooled["n_images_folds"] = [len(result["per_image"]) for result in fold_results]
+        pooled[f"{key}_folds"] = [fold[key] for fold in folds]
+    pooled["n_images_folds"] = [fold["n_images"] for fold in folds]
     return pooled
 
 

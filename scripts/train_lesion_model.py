@@ -495,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
                              "the split file's validation slices")
     parser.add_argument("--result-json", default=None, help="write the final validation figures here")
     args = parser.parse_args(argv)
+    if args.average_with_init is not None and (args.init is None or not 0.0 <= args.average_with_init <= 1.0):
+        parser.error("--average-with-init needs --init and an ALPHA in [0, 1]")  # before any data is loaded
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
 
     config = apply_overrides(load_yaml(args.config), args.overrides)
@@ -571,8 +573,6 @@ def main(argv: list[str] | None = None) -> int:
         network.load_state_dict(lm.load_lesion_model(args.init).network.state_dict())
         init_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
         log.info("initialised from %s", args.init)
-    if args.average_with_init is not None and (init_state is None or not 0.0 <= args.average_with_init <= 1.0):
-        parser.error("--average-with-init needs --init and an ALPHA in [0, 1]")
     n_params = sum(p.numel() for p in network.parameters())
     log.info("network %s, %.2f M parameters, input %s", config["model"]["architecture"]["name"], n_params / 1e6, size_px)
     if n_self:  # the starting network is the teacher: its confident labels are fixed before fine-tuning

@@ -574,7 +574,7 @@ def test_load_unlabelled_crops_the_real_covid_scan_as_the_product_does(shared_da
     assert np.median(unit[~inside]) > np.median(unit[inside])
 
 
-def test_average_weights_interpolates_floating_point_tensors_only():
+def test_average_weights_interpolates_floating_point_tensors_only(tmp_path):
     """WiSE-FT averaging of a fine-tuning with its start: alpha 0 is the start, 1 the trained weights."""
     train = _train_module()
     start = {"w": torch.zeros(3), "steps": torch.tensor([2])}
@@ -585,6 +585,10 @@ def test_average_weights_interpolates_floating_point_tensors_only():
     assert torch.equal(train.average_weights(start, trained, 1.0)["w"], trained["w"])
     with pytest.raises(ValueError):
         train.average_weights({"v": torch.zeros(3)}, trained, 0.5)
+    for argv in (["--average-with-init", "0.5"], ["--init", str(SHIPPED), "--average-with-init", "1.5"]):
+        with pytest.raises(SystemExit) as refused:  # refused before any data is read or anything is written
+            train.main([*argv, "--out", str(tmp_path / "never.pt"), "--config", str(tmp_path / "absent.yaml")])
+        assert refused.value.code == 2 and not (tmp_path / "never.pt").exists()
 
 
 def test_hybrid_scores_count_a_known_case():
