@@ -13,6 +13,11 @@ Three modes:
   the mediastinum), the ``--method hu`` GGO and consolidation volume errors (shipped
   ``configs/quantify.yaml``) and the shipped model's, and the share of the painted consolidation that
   the model calls consolidation inside the reference lungs (the lung step out of the picture);
+- ``--protocols`` runs the same scans as other reconstructions and doses would give them: pixels averaged
+  2 × 2 (a 256 matrix), slices averaged in pairs, white noise of 25 and 50 HU; against the reference
+  brought to the same grid (a voxel is lung when more than half of its block is). The unlabelled real
+  COVID-19 scan (``ricord-1a-000082``) goes through the same variants, slices averaged to 2.5 and 5 mm as
+  well, with its lung volumes and the shipped model's GGO and consolidation % of each lung;
 - ``--pred P.nii.gz --ref R.nii.gz`` compares two label files (1 right, 2 left; any format SimpleITK
   reads), e.g. ``ctquant quantify`` output against a reference mask;
 - ``--phantoms`` generates synthetic chest CTs at several lesion severities (up to heavy,
@@ -22,6 +27,7 @@ Three modes:
 Examples::
 
     python scripts/evaluate_lungs.py --real --json real_lungs.json
+    python scripts/evaluate_lungs.py --protocols --json protocols.json
     python scripts/evaluate_lungs.py --phantoms --severities 0 1 2 3 --seeds 0 1 --json lungs_eval.json
     python scripts/evaluate_lungs.py --pred results/baseline/lungs.nii.gz --ref sample_dicom/truth/baseline_lungs.nii.gz
 """
@@ -172,6 +178,85 @@ def real_case_rows(scan_name: str, root: Path, hybrid_seed: int, model: LesionMo
     return rows
 
 
+def averaged(hu: np.ndarray, factors: tuple[int, int, int], lungs: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray | None]:
+    """HU averaged over blocks of ``factors`` (z, y, x) voxels, as a thicker slice or a coarser matrix
+    reconstructs them (int16), and ``lungs`` on the same blocks: a block is a lung where more than half of
+    it is (trailing voxels that fill no whole block are dropped)."""
+    shape = tuple(n // f * f for n, f in zip(hu.shape, factors))
+    blocks = tuple(v for n, f in zip(shape, factors) for v in (n // f, f))
+    crop = tuple(slice(0, n) for n in shape)
+    hu_out = hu[crop].reshape(blocks).mean(axis=(1, 3, 5)).round().astype(np.int16)
+    if lungs is None:
+        return hu_out, None
+    lungs_out = np.zeros(hu_out.shape, np.uint8)
+    for side in (RIGHT, LEFT):
+        lungs_out[(lungs[crop] == side).reshape(blocks).mean(axis=(1, 3, 5)) > 0.5] = side
+    return hu_out, lungs_out
+
+
+def with_noise(hu: np.ndarray, sigma_hu: float, seed: int = 0) -> np.ndarray:
+    """``hu`` plus white Gaussian noise of ``sigma_hu`` (a lower dose, roughly), clipped to the int16 CT range."""
+    noisy = hu + np.random.default_rng(seed).normal(0.0, sigma_hu, hu.shape)
+    return np.clip(noisy, -1024, 3071).round().astype(np.int16)
+
+
+#: ``--protocols`` variants: name, averaging factors (z, y, x), noise (HU).
+PROTOCOLS = (("as scanned", (1, 1, 1), 0.0), ("pixels x2", (1, 2, 2), 0.0), ("slices x2", (2, 1, 1), 0.0),
+             ("noise 25 HU", (1, 1, 1), 25.0), ("noise 50 HU", (1, 1, 1), 50.0))
+#: ``--protocols`` keeps variants within the reconstructions a chest CT is read at (mm, z then in-plane).
+MAX_PROTOCOL_SPACING_MM = (10.0, 3.0)
+#: The unlabelled real COVID-19 scan of ``--protocols`` and its extra variants (slices to 2.5 and 5 mm).
+PROTOCOL_COVID_SCAN = "ricord-1a-000082"
+COVID_PROTOCOLS = PROTOCOLS[:3] + (("slices x4", (4, 1, 1), 0.0),) + PROTOCOLS[3:]
+
+
+def protocol_rows(root: Path, model: LesionModel | None, classical: bool = False) -> list[dict]:
+    """``--protocols``: each registry scan under ``root`` (its held-out lung network) and the real COVID-19
+    scan (the shipped one) as other reconstructions and doses would give them."""
+    from ctquant.config import load_quantify_config
+    from ctquant.io.scans import load_scan
+    from ctquant.segment.lesion_model import postprocess_settings, segment_lesions
+
+    rows = []
+    for entry in reference_entries():
+        if not (root / entry["scan"]).exists():
+            continue
+        scan_hu, spacing_mm, ref = load_reference_scan(root, entry["scan"])
+        lung_model = None if classical else load_lung_model(lung_fold_model_path(entry["scan"]))
+        for name, factors, sigma in PROTOCOLS:
+            spacing = tuple(s * f for s, f in zip(spacing_mm, factors))
+            if factors != (1, 1, 1) and (spacing[0] > MAX_PROTOCOL_SPACING_MM[0] or max(spacing[1:]) > MAX_PROTOCOL_SPACING_MM[1]):
+                continue  # the COPDGene case's 4 mm voxels made coarser: no clinical reconstruction
+            hu, ref_v = averaged(scan_hu, factors, ref)
+            hu = with_noise(hu, sigma) if sigma else hu
+            pred = segment_lungs_with_model(hu, spacing, lung_model)
+            rows.append({"case": f"{case_name(entry['scan'])}, {name}", "spacing_mm": [round(s, 2) for s in spacing],
+                         **lung_scores(pred, ref_v, spacing), "leak_pct": leak_pct(pred, ref_v),
+                         "leak_on_reference_slices_pct": leak_pct(pred, ref_v, reference_slices_only=True)})
+    covid = root / PROTOCOL_COVID_SCAN
+    if covid.exists():
+        scan = load_scan(covid)
+        lung_model = None if classical else load_lung_model()
+        settings = postprocess_settings(load_quantify_config())
+        for name, factors, sigma in COVID_PROTOCOLS:
+            hu, _ = averaged(scan.hu, factors)
+            hu = with_noise(hu, sigma) if sigma else hu
+            spacing = tuple(s * f for s, f in zip(scan.spacing_mm, factors))
+            pred = segment_lungs_with_model(hu, spacing, lung_model)
+            row = {"case": f"{PROTOCOL_COVID_SCAN}, {name}", "spacing_mm": [round(s, 2) for s in spacing]}
+            lesions = segment_lesions(hu, pred, model, spacing_mm=spacing, **settings) if model is not None else None
+            for side, lung in ((RIGHT, "right"), (LEFT, "left")):
+                n = np.count_nonzero(pred == side)
+                row[f"{lung}_ml"] = round(n * float(np.prod(spacing)) / 1000.0, 1)
+                if lesions is not None:
+                    for label, key in ((1, "ggo"), (2, "consolidation")):
+                        row[f"{lung}_model_{key}_pct"] = round(
+                            100.0 * np.count_nonzero((lesions == label) & (pred == side)) / max(1, n), 2)
+            rows.append(row)
+    return rows
+
+
 def _span(values: list[float], spec: str) -> str:
     low, high = format(min(values), spec), format(max(values), spec)
     return low if low == high else f"{low}–{high}"
@@ -228,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spacing", type=float, nargs=3, help="phantom spacing z y x mm")
     parser.add_argument("--real", action="store_true",
                         help="real scans with reference lungs in ../shared/data/real-ct, and hybrids made from them")
+    parser.add_argument("--protocols", action="store_true",
+                        help="the real scans as other reconstructions and doses give them (pixels or slices "
+                             "averaged, noise added)")
     parser.add_argument("--hybrid-seed", type=int, default=1, help="seed of the painted pneumonia (--real)")
     parser.add_argument("--no-model", action="store_true", help="--real without the lesion model's figures")
     parser.add_argument("--classical", action="store_true",
@@ -275,8 +363,16 @@ def main(argv: list[str] | None = None) -> int:
             lung_model = None if args.classical else load_lung_model(lung_fold_model_path(name))
             real_rows += real_case_rows(name, root, args.hybrid_seed, model, lung_model)
         rows += real_rows
+    if args.protocols:
+        root = SHARED_DATA / "real-ct"
+        if not root.is_dir():
+            print(f"no real CT under {root}", file=sys.stderr)
+            return 3
+        from ctquant.segment.lesion_model import load_lesion_model
+
+        rows += protocol_rows(root, None if args.no_model else load_lesion_model(), classical=args.classical)
     if not rows:
-        parser.error("nothing to evaluate: give --real, --pred/--ref or --phantoms")
+        parser.error("nothing to evaluate: give --real, --protocols, --pred/--ref or --phantoms")
 
     columns = [c for c in dict.fromkeys(k for row in rows for k in row) if c not in ("seed", "severity")]
     print(" | ".join(columns))

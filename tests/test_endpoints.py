@@ -385,6 +385,41 @@ def test_compare_refuses_mismatched_results(tmp_path, field):
     assert verdict["mismatch"]
 
 
+def test_acquisition_differences_name_spacing_and_kernel_beyond_the_tolerance():
+    def with_protocol(spacing_mm, kernel_class=None):
+        m = measures()
+        m["provenance"]["spacing_mm"] = spacing_mm
+        if kernel_class:
+            m["provenance"]["kernel_class"] = kernel_class
+        return m
+
+    thin = with_protocol([1.25, 0.7, 0.7], "smooth")
+    assert E.acquisition_differences(thin, with_protocol([1.5, 0.78, 0.78], "unknown")) == []  # within 25 %
+    assert E.acquisition_differences(thin, with_protocol([5.0, 0.7, 0.7], "sharp")) == [
+        {"field": "slice_spacing_mm", "from": 1.25, "to": 5.0},
+        {"field": "kernel_class", "from": "smooth", "to": "sharp"}]
+    assert [d["field"] for d in E.acquisition_differences(thin, with_protocol([1.25, 0.98, 0.98]))] == ["pixel_spacing_mm"]
+    older = measures()
+    del older["provenance"]["spacing_mm"]  # a result that does not record it is not compared on it
+    assert E.acquisition_differences(thin, older) == []
+
+
+def test_compare_notes_scans_reconstructed_differently(tmp_path):
+    """Different slice spacing is a note in comparison.json and on the console, not a refusal."""
+    a = write_result(tmp_path / "a", measures(right=13.0, left=11.6))
+    day14 = measures(tp="day14", right=6.0, left=6.2)
+    day14["provenance"]["spacing_mm"] = [1.25, 0.7, 0.7]
+    b = write_result(tmp_path / "b", day14)
+    out = tmp_path / "cmp"
+    result = runner.invoke(app, ["compare", str(a), str(b), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "comparison.json").read_text())
+    assert doc["acquisition_differences"] == [{"field": "slice_spacing_mm", "from": 5.0, "to": 1.25}]
+    assert any("reconstructed differently (slice_spacing_mm 5.0 vs 1.25)" in n for n in doc["notes"])
+    assert "reconstructed differently" in result.output
+    assert doc["mismatch"] == [] and doc["endpoints"][0]["verdict"] == "reduction"
+
+
 def test_compare_refuses_different_subjects(tmp_path):
     a = write_result(tmp_path / "a", measures(sid="S01"))
     b = write_result(tmp_path / "b", measures(sid="S02", tp="day14"))
@@ -690,6 +725,17 @@ def test_endpoints_refuses_mixed_models_in_cohort(tmp_path, monkeypatch):
     assert len(doc["mismatch"]) == 2 and doc["provenance"]["allow_mismatch"] is True
     s02 = [r for r in read_csv(out / "endpoints" / "subjects.csv") if r["subject_id"] == "S02"][0]
     assert s02["mismatch"] == "model_sha256"
+
+
+def test_cohort_lists_participants_whose_time_points_were_reconstructed_differently(tmp_path, no_pipeline):
+    manifest, values = cohort(tmp_path, ("S01", "S02"))
+    values[("S02", "day14")]["provenance"]["spacing_mm"] = [1.25, 0.7, 0.7]
+    out = tmp_path / "out"
+    doc = E.run_endpoints(manifest, out, scan_results=scan_results(manifest, values, out))
+    assert doc["acquisition_differs"] == ["S02"]
+    rows = {r["subject_id"]: r for r in read_csv(out / "subjects.csv")}  # given scan results: the report in out
+    assert rows["S02"]["acquisition_differs"] == "slice_spacing_mm 5.0 vs 1.25"
+    assert rows["S01"]["acquisition_differs"] == ""
 
 
 def test_mismatch_at_an_unevaluated_time_point_is_not_refused(tmp_path, no_pipeline):

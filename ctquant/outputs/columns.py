@@ -13,5 +13,5 @@ SUBJECT_COLUMNS = (
     ["subject_id", "endpoint", "measure", "from_timepoint", "to_timepoint", "evaluable", "reduction",
      "verdict", "reason", "bilateral_at_baseline"]
     + [f"{lung}_{k}" for lung in LUNGS for k in ("from", "to", "abs_change", "rel_change_pct")]
-    + ["days_between", "mismatch", "from_flags", "to_flags", "from_result", "to_result"]
+    + ["days_between", "mismatch", "acquisition_differs", "from_flags", "to_flags", "from_result", "to_result"]
 )

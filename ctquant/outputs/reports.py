@@ -346,7 +346,7 @@ def _cell(text: str) -> dict[str, Any]:
 #: subjects.csv columns shown (besides the manifest's extra columns), in this order.
 SUBJECT_SHOWN = ("subject_id", "endpoint", "from_timepoint", "to_timepoint", "evaluable", "verdict", "reason",
                  "both_from", "both_to", "both_abs_change", "both_rel_change_pct", "right_rel_change_pct",
-                 "left_rel_change_pct", "days_between", "mismatch", "from_flags", "to_flags")
+                 "left_rel_change_pct", "days_between", "mismatch", "acquisition_differs", "from_flags", "to_flags")
 
 
 def read_csv_table(path: Path, title: str, *, redact_paths: bool = False, transpose: bool = False,

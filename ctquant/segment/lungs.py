@@ -69,37 +69,52 @@ def _grown(box: tuple[slice, slice, slice], shape: tuple[int, ...], margin: int,
                  for axis, (b, n) in enumerate(zip(box, shape)))
 
 
-def _sealed_edges(low: np.ndarray) -> np.ndarray:
-    """Low pixels on a slice's four edge lines that lie between dense pixels of the same line.
+def _dense_runs(line: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) of each run of False (dense) pixels on a 1D low-density line."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([1], line.astype(np.int8), [1]))))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+def _sealed_edges(low: np.ndarray, min_wall_px: tuple[int, int] = (1, 1)) -> np.ndarray:
+    """Low pixels on a slice's four edge lines that lie between two walls of dense pixels on that line.
 
     Where the body is cut by the field of view, lung touching the image edge is low density on the
-    edge line between the chest wall's two cuts; sealing it keeps that lung inside the body.
+    edge line between the chest wall's two cuts; sealing it keeps that lung inside the body. A wall is
+    a dense run at least ``min_wall_px`` (along y, along x) long: the chest wall, cut by the edge, is
+    thick, while the patient table, a blanket or a cable crossing the edge is a thin line, and sealing
+    between thin lines would close the outside air under or over the patient into the body.
     """
     seal = np.zeros_like(low)
-    for edge in ((0, slice(None)), (-1, slice(None)), (slice(None), 0), (slice(None), -1)):
+    for edge, wall_px in (((0, slice(None)), min_wall_px[1]), ((-1, slice(None)), min_wall_px[1]),
+                          ((slice(None), 0), min_wall_px[0]), ((slice(None), -1), min_wall_px[0])):
         line = low[edge]
-        dense = np.flatnonzero(~line)
-        if dense.size >= 2:
+        walls = [run for run in _dense_runs(line) if run[1] - run[0] >= wall_px]
+        if len(walls) >= 2:
             between = np.zeros(line.shape, dtype=bool)
-            between[dense[0]:dense[-1] + 1] = True
+            between[walls[0][0]:walls[-1][1]] = True
             seal[edge] = line & between
     return seal
 
 
-def body_mask(hu: np.ndarray, threshold_hu: float = -500.0) -> np.ndarray:
+def body_mask(hu: np.ndarray, threshold_hu: float = -500.0, spacing_mm: tuple[float, float, float] | None = None,
+              min_wall_mm: float = 8.0) -> np.ndarray:
     """Per axial slice, voxels not connected to the low-density region outside the patient.
 
     Outside is the low-density region touching the image border, less what lies on the border
-    between two stretches of body (lung cut by the field of view stays inside). The patient table,
-    separated from the body by air, is dropped by keeping the largest 3D component.
+    between two stretches of body (lung cut by the field of view stays inside); with ``spacing_mm``
+    (z, y, x), a stretch of body on the border must be at least ``min_wall_mm`` long (without it, one
+    pixel). The patient table, separated from the body by air, is dropped by keeping the largest 3D
+    component.
     """
     low = hu < threshold_hu
+    min_wall_px = (1, 1) if spacing_mm is None else tuple(
+        max(1, int(np.ceil(min_wall_mm / float(s)))) for s in spacing_mm[1:])
     border = np.zeros(low.shape[1:], dtype=bool)
     border[0, :] = border[-1, :] = border[:, 0] = border[:, -1] = True
     labels, _ = ndi.label(low, structure=_SLICEWISE)  # the regions of each axial slice
     on_border = np.zeros_like(low)
     for z in range(low.shape[0]):
-        on_border[z] = border & low[z] & ~_sealed_edges(low[z])
+        on_border[z] = border & low[z] & ~_sealed_edges(low[z], min_wall_px)
     seeds = np.unique(labels[on_border])
     body = ~np.isin(labels, seeds[seeds > 0])
     comps, n = ndi.label(body)
@@ -194,14 +209,35 @@ def find_airways(air: np.ndarray, body: np.ndarray, spacing_mm: tuple[float, flo
     return airways
 
 
-def _largest_components(mask: np.ndarray, min_share: float = 0.05) -> list[np.ndarray]:
+def _largest_components(mask: np.ndarray, min_share: float = 0.05, core: np.ndarray | None = None
+                        ) -> list[np.ndarray]:
+    """The largest 3D component of ``mask`` and the second if it holds ``min_share`` of the first's voxels;
+    with ``core``, only components holding a ``core`` voxel compete."""
     labels, n = ndi.label(mask)
     if n == 0:
         return []
     sizes = np.bincount(labels[mask], minlength=n + 1)[1:]
+    if core is not None:
+        sizes[np.setdiff1d(np.arange(1, n + 1), labels[core & mask]) - 1] = 0
     order = np.argsort(sizes)[::-1]
-    keep = [order[0]] + [i for i in order[1:2] if sizes[i] >= min_share * sizes[order[0]]]
+    if sizes[order[0]] == 0:
+        return []
+    keep = [order[0]] + [i for i in order[1:2] if sizes[i] > 0 and sizes[i] >= min_share * sizes[order[0]]]
     return [labels == i + 1 for i in keep]
+
+
+def thick_core(mask: np.ndarray, spacing_mm: tuple[float, float, float], half_width_mm: float) -> np.ndarray:
+    """Voxels of ``mask`` whose in-plane square of half-width ``half_width_mm`` lies wholly in ``mask``.
+
+    A lung is thick somewhere; the air cells of a patient table the body lies on, or a gap between
+    skin folds, are thin sheets and have no core.
+    """
+    out = mask.astype(np.uint8)
+    for axis in (1, 2):
+        radius = int(round(half_width_mm / float(spacing_mm[axis])))
+        if radius > 0:
+            out = ndi.minimum_filter1d(out, 2 * radius + 1, axis=axis, mode="constant", cval=0)
+    return out.astype(bool)
 
 
 def split_lungs(lungs: np.ndarray, max_erosions: int = 12) -> tuple[np.ndarray, np.ndarray] | None:
@@ -261,7 +297,8 @@ def dependent_side(patient_position: str | None) -> str:
 def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
                   air_threshold_hu: float = -400.0, dense_max_hu: float = 200.0,
                   coarse_mm: float = 2.5, wall_hu: float = 40.0, max_fill_mm: float = 80.0,
-                  min_lung_ml: float = 100.0, dependent: str = "posterior") -> np.ndarray:
+                  min_lung_ml: float = 100.0, min_lung_half_width_mm: float = 10.0,
+                  dependent: str = "posterior") -> np.ndarray:
     """Label the right (1) and left (2) lung, dense (consolidated) lung included.
 
     Args:
@@ -273,6 +310,9 @@ def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
         wall_hu: density of the chest wall for the half-density pleural edge.
         max_fill_mm: longest stretch of dense tissue between aerated lung and rib cage taken as lung.
         min_lung_ml: an air region smaller than this is not a lung (bowel gas of an abdominal scan).
+        min_lung_half_width_mm: an air region with no in-plane square of this half-width inside it (its
+            vessels filled in) is not a lung (the air cells of a patient table the body touches;
+            :func:`thick_core`).
         dependent: ``posterior`` (supine patient) or ``anterior`` (prone): the side where dense lung is
             recovered up to the rib cage (:func:`dependent_side` reads it from ``PatientPosition``).
 
@@ -282,7 +322,7 @@ def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
     factors = coarse_factors(spacing_mm, coarse_mm)
     coarse_spacing = tuple(s * f for s, f in zip(spacing_mm, factors))
     hu_c = hu[tuple(slice(f // 2, None, f) for f in factors)]  # samples at block centres
-    body = body_mask(hu_c)
+    body = body_mask(hu_c, spacing_mm=coarse_spacing)
     air = (hu_c < air_threshold_hu) & body
     airways = find_airways(air, body, coarse_spacing)
     airway_box = bounding_box(airways)
@@ -290,7 +330,9 @@ def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
         airway_box = _grown(airway_box, airways.shape, 1)
         airways[airway_box] = ndi.binary_dilation(airways[airway_box], _ball(np.full(3, 1.0)))
     voxel_ml = float(np.prod(coarse_spacing)) / 1000.0
-    parts = [p for p in _largest_components(air & ~airways) if p.sum() * voxel_ml >= min_lung_ml]
+    candidates = air & ~airways
+    core = thick_core(_fill_slices(candidates), coarse_spacing, min_lung_half_width_mm)  # vessels do not thin a lung
+    parts = [p for p in _largest_components(candidates, core=core) if p.sum() * voxel_ml >= min_lung_ml]
     if not parts:
         log.warning("no lung found")
         return np.zeros(hu.shape, dtype=np.uint8)

@@ -307,6 +307,38 @@ def result_mismatches(first: Mapping[str, Any], second: Mapping[str, Any]) -> li
     return out
 
 
+#: Relative difference in slice spacing or pixel size above which two scans of a participant count as
+#: acquired differently (a note, not a refusal). The % of lung figures depend on the reconstruction: the
+#: real COVID-19 scan ricord-1a-000082 with its 1.25 mm slices averaged to 5 mm reads 0.4-0.8 points more
+#: GGO and 0.15-0.26 points less consolidation per lung (README, Accuracy; scripts/evaluate_lungs.py
+#: --protocols), the size of the endpoints' 1-point threshold.
+ACQUISITION_REL_TOLERANCE = 0.25
+
+
+def acquisition_differences(first: Mapping[str, Any], second: Mapping[str, Any],
+                            rel_tolerance: float = ACQUISITION_REL_TOLERANCE) -> list[dict[str, Any]]:
+    """How the two results' scans were reconstructed differently: slice spacing or pixel size (mm) more
+    than ``rel_tolerance`` apart, or a smooth against a sharp kernel (``provenance.kernel_class``).
+    Fields a result does not record are not compared."""
+    a, b = first.get("provenance") or {}, second.get("provenance") or {}
+    out: list[dict[str, Any]] = []
+    spacing_a, spacing_b = a.get("spacing_mm"), b.get("spacing_mm")
+    if spacing_a and spacing_b and len(spacing_a) == len(spacing_b) == 3:
+        for name, axis in (("slice_spacing_mm", 0), ("pixel_spacing_mm", 2)):
+            x, y = float(spacing_a[axis]), float(spacing_b[axis])
+            if abs(x - y) > rel_tolerance * min(x, y):
+                out.append({"field": name, "from": round(x, 3), "to": round(y, 3)})
+    kernels = a.get("kernel_class"), b.get("kernel_class")
+    if set(kernels) == {"smooth", "sharp"}:
+        out.append({"field": "kernel_class", "from": kernels[0], "to": kernels[1]})
+    return out
+
+
+def describe_differences(differences: Sequence[Mapping[str, Any]]) -> str:
+    """``slice_spacing_mm 1.25 vs 5.0; kernel_class smooth vs sharp`` (empty when none)."""
+    return "; ".join(f"{d['field']} {d['from']} vs {d['to']}" for d in differences)
+
+
 def _value(measures: Mapping[str, Any], lung: str, measure: str) -> Optional[float]:
     value = ((measures.get("lungs") or {}).get(lung) or {}).get(measure)
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -795,7 +827,11 @@ def run_compare(
     if days is not None and days < 0:
         notes.append(f"the {labels['to']} scan predates the {labels['from']} scan by {-days} days")
     if mismatch:
-        notes.append("results made differently: " + "; ".join(f"{m['field']} {m['from']} vs {m['to']}" for m in mismatch))
+        notes.append("results made differently: " + describe_differences(mismatch))
+    acquisition = acquisition_differences(first_m, second_m)
+    if acquisition:
+        notes.append(f"the scans were reconstructed differently ({describe_differences(acquisition)}): "
+                     "the % of lung figures depend on it, so part of the change may be the reconstruction's")
     rows = comparison_rows(first_m, second_m, labels["from"], labels["to"])
     subject = subject_id or first_m.get("subject_id") or second_m.get("subject_id")
     verdict_rows = []
@@ -819,6 +855,7 @@ def run_compare(
         "measures": rows,
         "endpoints": [{**v.as_dict(), "definition": ep.as_dict()} for ep, v in zip(endpoints, verdicts)],
         "mismatch": mismatch,
+        "acquisition_differences": acquisition,
         "notes": notes,
         "provenance": {
             "ctquant_version": __version__,
@@ -929,6 +966,7 @@ def subject_row(endpoint: Endpoint, subject_id: str,
         row[f"{lung}_rel_change_pct"] = _round(ch["rel_change_pct"], 2)
     row["days_between"] = _days_between(fm, sm) if fm and sm else None
     row["mismatch"] = "; ".join(m["field"] for m in result_mismatches(fm, sm)) if fm and sm else ""
+    row["acquisition_differs"] = describe_differences(acquisition_differences(fm, sm)) if fm and sm else ""
     row["from_flags"] = "; ".join(map(str, fm.get("flags") or [])) if fm else ""
     row["to_flags"] = "; ".join(map(str, sm.get("flags") or [])) if sm else ""
     row["from_result"] = _result_path(first) if first else None
@@ -1061,6 +1099,11 @@ def run_endpoints(
                                         "group_by": group_by, "group_value": value})
                 plots.append((ep, members, _plot_suffix(group_by, value), group_label(group_by, value)))
     failures = [r.failure_row() for r in results.values() if r.status == "failed"]
+    differing = list(dict.fromkeys(r["subject_id"] for r in subject_rows if r["acquisition_differs"]))
+    if differing:
+        log.warning("%d participant(s) have time points reconstructed differently (%s%s): the %% of lung figures "
+                    "depend on it; see acquisition_differs in subjects.csv", len(differing),
+                    ", ".join(differing[:4]), " …" if len(differing) > 4 else "")
     doc = {
         "schema": COHORT_SCHEMA,
         "endpoints": summaries,
@@ -1068,6 +1111,7 @@ def run_endpoints(
         "groups": group_summaries,
         "failures": failures,
         "mismatch": mismatch,
+        "acquisition_differs": differing,
         "provenance": {
             "ctquant_version": __version__,
             "code_sha256": code_sha256(),
