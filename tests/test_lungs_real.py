@@ -185,6 +185,25 @@ def test_lung_cut_by_the_image_edge_is_kept_and_flagged(sample_dir):
     assert "right_lung_cut_by_field_of_view: in-plane" in quality_flags(labels, measures, {})
 
 
+def test_real_lung_cut_by_the_image_edge_on_an_odd_grid_is_kept_and_flagged(shared_data):
+    """The pancreas scan with its left lung's outer 10 mm cut off (397 columns, an odd width on its 2 x 2
+    coarse grid): the left lung reaches the new edge and is flagged, and its volume is within 5 % of the
+    reference inside the crop (measured +1.8 %). Before, the column past the last whole coarse block was
+    never lung, so a lung cut there never touched the edge and went unflagged."""
+    scan = "pancreas-ct-cbct-001"
+    hu, spacing, ref = _real(shared_data, scan)
+    last_x = int(np.flatnonzero((ref == LEFT).any(axis=(0, 1)))[-1])
+    keep = slice(0, last_x + 1 - int(round(10.0 / spacing[2])))
+    hu, ref = np.ascontiguousarray(hu[:, :, keep]), ref[:, :, keep]
+    assert hu.shape[2] % 2 == 1 and (ref[:, :, -1] == LEFT).any()  # the case described above
+    labels = segment_lungs_with_model(hu, spacing, load_lung_model(_scripts_module("real_ct").lung_fold_model_path(scan)))
+    assert (labels[:, :, -1] == LEFT).any()
+    assert np.count_nonzero(labels == LEFT) == pytest.approx(np.count_nonzero(ref == LEFT), rel=0.05)
+    measures = lung_measures(hu, labels, np.zeros_like(labels), spacing)
+    assert any(f.startswith("left_lung_cut_by_field_of_view") and "in-plane" in f
+               for f in quality_flags(labels, measures, {}))
+
+
 def test_body_mask_seals_lung_at_the_image_edge():
     """Air on the image edge between two stretches of body is inside; air beyond the body is not."""
     hu = np.full((1, 30, 30), -1000, np.int16)

@@ -578,7 +578,10 @@ def _refine(labels_c: np.ndarray, dense_added_c: np.ndarray, hu: np.ndarray, fac
         return labels_c.astype(np.uint8)
     box = bounding_box(labels_c)
     box_c = _grown(box, labels_c.shape, 1)
-    box_full = tuple(slice(b.start * f, min(n, b.stop * f)) for b, f, n in zip(box_c, factors, hu.shape))
+    # a box reaching the coarse grid's end takes the trailing voxels that fill no whole block (edge-padded
+    # by upsample_blocks): a lung cut by the image edge then reaches the edge and is flagged
+    box_full = tuple(slice(b.start * f, n if b.stop == nc else min(n, b.stop * f))
+                     for b, f, n, nc in zip(box_c, factors, hu.shape, labels_c.shape))
     labels_box = labels_c[box_c]
     lung_box = labels_box > 0
     near_c = labels_box.copy()  # each lung grown by one coarse voxel (the right lung first where both reach)
