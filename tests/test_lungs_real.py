@@ -14,7 +14,7 @@ import pytest
 from ctquant.synthetic.hybrid import CONSOLIDATION, GGO, paint_pneumonia
 from ctquant.io.scans import load_scan, read_label_image
 from ctquant.segment.lung_model import load_lung_model, segment_lungs_with_model
-from ctquant.segment.lungs import LEFT, RIGHT, body_mask, segment_lungs
+from ctquant.segment.lungs import LEFT, RIGHT, body_mask, pick_lungs, segment_lungs
 from ctquant.measures.volumes import lung_measures, quality_flags
 
 
@@ -247,6 +247,51 @@ def test_real_lungs_on_a_coarser_pixel_grid(shared_data, scan):
     for side in (RIGHT, LEFT):
         assert _dice(labels == side, ref2 == side) >= 0.94
     assert evaluate.leak_pct(labels, ref2, reference_slices_only=True) <= 4.0
+
+
+def test_pick_lungs_takes_no_gas_below_the_lungs_for_a_lung():
+    """Both lungs in one region (touching at the anterior junction), or two lungs side by side: a gas
+    region under the left lung, however large, is not the second lung."""
+    shape = (20, 40, 60)
+    both, bubble = np.zeros(shape, bool), np.zeros(shape, bool)
+    both[8:20, 10:30, 5:55] = True    # one region across the midline (x 30)
+    bubble[0:6, 10:30, 35:55] = True  # gas under the left lung (high x)
+    core = np.ones(shape, bool)
+    picked = pick_lungs(both | bubble, core, midline_x=30.0, min_voxels=10)
+    assert len(picked) == 1 and np.array_equal(picked[0], both)
+    right, left = np.zeros(shape, bool), np.zeros(shape, bool)
+    right[8:20, 10:30, 5:28] = True
+    left[8:20, 10:30, 32:55] = True
+    bubble[:] = False
+    bubble[0:6, 10:30, 32:55] = True  # half the left lung's size, under it
+    picked = pick_lungs(right | left | bubble, core, midline_x=30.0, min_voxels=10)
+    assert sorted(int(p.sum()) for p in picked) == sorted([int(right.sum()), int(left.sum())])
+    assert not any((p & bubble).any() for p in picked)
+
+
+def test_stomach_gas_below_the_lungs_is_not_lung(shared_data):
+    """The pancreas scan (lower chest and upper abdomen; its lungs one air region at the anterior junction)
+    with 170 mL of gas painted under the left lung, 8 mm of diaphragm and stomach wall left between: before,
+    that gas was taken as the left lung and both lungs labelled right (Dice right 0.647, left 0)."""
+    from scipy import ndimage as ndi
+
+    hu, spacing, ref = _real(shared_data, "pancreas-ct-cbct-001")
+    body = body_mask(hu, spacing_mm=spacing)
+    lowest = int(np.argmin((ref > 0).sum(axis=(1, 2))))  # the basal end of this scan
+    x = int(np.nonzero((ref == LEFT).any(axis=(0, 1)))[0].mean())
+    y = int(np.nonzero(body[lowest].any(axis=1))[0].mean())
+    radius_mm = (3 * 200e3 / (4 * np.pi)) ** (1 / 3)
+    z = lowest + int(round(radius_mm / spacing[0])) * (1 if lowest == 0 else -1)
+    zz, yy, xx = np.ogrid[: hu.shape[0], : hu.shape[1], : hu.shape[2]]
+    gas = (((zz - z) * spacing[0]) ** 2 + ((yy - y) * spacing[1]) ** 2 + ((xx - x) * spacing[2]) ** 2 <= radius_mm ** 2)
+    gas &= body & (ndi.distance_transform_edt(ref == 0, sampling=spacing) > 8.0)
+    assert np.count_nonzero(gas) * np.prod(spacing) / 1e3 > 150  # more than 5 % of these lungs' 2.6 L
+    painted = hu.copy()
+    painted[gas] = -980
+    labels = segment_lungs(painted, spacing)
+    assert not (labels[gas] > 0).any()
+    for side in (RIGHT, LEFT):
+        assert _dice(labels == side, ref == side) >= 0.95
 
 
 def test_abdomen_without_lungs_is_refused(shared_data, tmp_path):

@@ -209,21 +209,49 @@ def find_airways(air: np.ndarray, body: np.ndarray, spacing_mm: tuple[float, flo
     return airways
 
 
-def _largest_components(mask: np.ndarray, min_share: float = 0.05, core: np.ndarray | None = None
-                        ) -> list[np.ndarray]:
-    """The largest 3D component of ``mask`` and the second if it holds ``min_share`` of the first's voxels;
-    with ``core``, only components holding a ``core`` voxel compete."""
+def _largest_components(mask: np.ndarray, min_share: float = 0.05) -> list[np.ndarray]:
     labels, n = ndi.label(mask)
     if n == 0:
         return []
     sizes = np.bincount(labels[mask], minlength=n + 1)[1:]
-    if core is not None:
-        sizes[np.setdiff1d(np.arange(1, n + 1), labels[core & mask]) - 1] = 0
     order = np.argsort(sizes)[::-1]
-    if sizes[order[0]] == 0:
-        return []
-    keep = [order[0]] + [i for i in order[1:2] if sizes[i] > 0 and sizes[i] >= min_share * sizes[order[0]]]
+    keep = [order[0]] + [i for i in order[1:2] if sizes[i] >= min_share * sizes[order[0]]]
     return [labels == i + 1 for i in keep]
+
+
+def pick_lungs(candidates: np.ndarray, core: np.ndarray, midline_x: float, min_voxels: int,
+               min_share: float = 0.05, bilateral_share: float = 0.25) -> list[np.ndarray]:
+    """The air regions that are the lungs: one region holding both, or one lung and the other beside it.
+
+    Only 3D components of ``candidates`` with at least ``min_voxels`` and a ``core`` voxel compete. The
+    largest is both lungs (split later) when at least ``bilateral_share`` of it lies on each side of the
+    body's midline (array x ``midline_x``): the lungs touch at the anterior junction on most scans. Otherwise
+    it is one lung, and the other is the largest remaining region, of at least ``min_share`` of its size, on
+    the other side of the midline. So gas in the stomach or bowel below the lungs is never a lung.
+    """
+    labels, n = ndi.label(candidates)
+    if n == 0:
+        return []
+    sizes = np.bincount(labels[candidates], minlength=n + 1)[1:]
+    sizes[np.setdiff1d(np.arange(1, n + 1), labels[core & candidates]) - 1] = 0
+    sizes[sizes < min_voxels] = 0
+    order = [int(i) for i in np.argsort(sizes)[::-1] if sizes[i] > 0]
+    if not order:
+        return []
+    x_sums = np.bincount(labels.ravel(), weights=np.broadcast_to(
+        np.arange(labels.shape[2], dtype=np.float64), labels.shape).ravel(), minlength=n + 1)[1:]
+    first = labels == order[0] + 1
+    per_x = np.count_nonzero(first, axis=(0, 1))
+    share_right_of_midline = per_x[: int(round(midline_x))].sum() / sizes[order[0]]  # patient's right: low x
+    if min(share_right_of_midline, 1.0 - share_right_of_midline) >= bilateral_share:
+        return [first]
+    first_on_right = x_sums[order[0]] / sizes[order[0]] < midline_x
+    for i in order[1:]:
+        if sizes[i] < min_share * sizes[order[0]]:
+            break
+        if (x_sums[i] / sizes[i] < midline_x) != first_on_right:
+            return [first, labels == i + 1]
+    return [first]
 
 
 def thick_core(mask: np.ndarray, spacing_mm: tuple[float, float, float], half_width_mm: float) -> np.ndarray:
@@ -332,7 +360,8 @@ def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
     voxel_ml = float(np.prod(coarse_spacing)) / 1000.0
     candidates = air & ~airways
     core = thick_core(_fill_slices(candidates), coarse_spacing, min_lung_half_width_mm)  # vessels do not thin a lung
-    parts = [p for p in _largest_components(candidates, core=core) if p.sum() * voxel_ml >= min_lung_ml]
+    midline = float(np.nonzero(body.any(axis=(0, 1)))[0].mean())
+    parts = pick_lungs(candidates, core, midline, int(np.ceil(min_lung_ml / voxel_ml)))
     if not parts:
         log.warning("no lung found")
         return np.zeros(hu.shape, dtype=np.uint8)
@@ -341,7 +370,6 @@ def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
         if split is None:
             log.warning("lungs could not be separated; splitting at the body midline")
             xs = np.arange(hu_c.shape[2])[None, None, :]
-            midline = np.nonzero(body.any(axis=(0, 1)))[0].mean()
             split = (parts[0] & (xs < midline), parts[0] & (xs >= midline))
         parts = list(split)
     right, left = _right_left(*parts)
