@@ -241,8 +241,9 @@ def _print_measures(measures: dict, out: Path) -> None:
             ("GGO (% of lung)", "ggo_pct", ".2f"), ("consolidation (mL)", "consolidation_volume_ml", ".1f"),
             ("consolidation (% of lung)", "consolidation_pct", ".2f"), ("opacity (% of lung)", "opacity_pct", ".2f"),
             ("mean lung HU", "mean_lung_hu", ".0f")]
-    for name, key, fmt in rows:
-        table.add_row(name, *(format(measures["lungs"][side][key], fmt) for side in ("right", "left", "both")))
+    for name, key, fmt in rows:  # None: no value (the mean HU of a lung not found)
+        table.add_row(name, *("–" if measures["lungs"][side][key] is None else format(measures["lungs"][side][key], fmt)
+                              for side in ("right", "left", "both")))
     console = Console()
     console.print(table)
     bilateral = ", ".join(k for k, v in measures["bilateral"].items() if v) or "none"

@@ -63,6 +63,31 @@ def test_quality_flags_printed_once(tmp_path: Path):
         assert len(said) == 1 and said[0].startswith("ctquant: warning: "), lines
 
 
+def test_a_lung_not_found_is_flagged_and_the_table_still_printed(tmp_path: Path):
+    """A phantom whose left lung is airless (+40 HU): quantify exits 0, flags left_lung_not_found, keeps the
+    right lung whole and prints "–" for the missing lung's mean HU (it stopped with an internal error)."""
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    from ctquant.synthetic import phantom as ph
+
+    phantom = ph.make_phantom((32, 80, 80), (10.0, 4.4, 4.4), seed=1)
+    hu = phantom.hu.copy()
+    hu[phantom.lung_labels == 2] = 40
+    bi.write_series(tmp_path / "study", dataclasses.replace(phantom, hu=hu))
+    code, stdout, stderr = bi.run_in_process(["quantify", str(tmp_path / "study"), "--out", str(tmp_path / "o"),
+                                              "--method", "hu", "--device", "cpu"])
+    assert code == 0, stderr
+    result = json.loads((tmp_path / "o" / "measures.json").read_text())
+    assert "left_lung_not_found" in result["flags"]
+    assert result["lungs"]["left"]["lung_volume_ml"] == 0 and result["lungs"]["left"]["mean_lung_hu"] is None
+    right_truth_ml = np.count_nonzero(phantom.lung_labels == 1) * np.prod(phantom.spacing_mm) / 1000.0
+    assert result["lungs"]["right"]["lung_volume_ml"] == pytest.approx(right_truth_ml, rel=0.1)
+    assert re.search(r"mean lung HU\s+│\s+-?\d+\s+│\s+–", stdout), stdout
+
+
 def test_compare_mismatch_warned_once(tmp_path: Path):
     a = write_result(tmp_path / "a", measures())
     b = write_result(tmp_path / "b", measures(tp="day14", right=1.0, left=1.0, method="hu"))

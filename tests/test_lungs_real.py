@@ -251,22 +251,30 @@ def test_real_lungs_on_a_coarser_pixel_grid(shared_data, scan):
 
 def test_pick_lungs_takes_no_gas_below_the_lungs_for_a_lung():
     """Both lungs in one region (touching at the anterior junction), or two lungs side by side: a gas
-    region under the left lung, however large, is not the second lung."""
+    region under the left lung, however large, is not the second lung, nor, when the left lung is
+    airless, the left lung."""
     shape = (20, 40, 60)
     both, bubble = np.zeros(shape, bool), np.zeros(shape, bool)
     both[8:20, 10:30, 5:55] = True    # one region across the midline (x 30)
     bubble[0:6, 10:30, 35:55] = True  # gas under the left lung (high x)
     core = np.ones(shape, bool)
-    picked = pick_lungs(both | bubble, core, midline_x=30.0, min_voxels=10)
-    assert len(picked) == 1 and np.array_equal(picked[0], both)
+    hu = np.where(bubble, -1000, -850)  # gas, and lung parenchyma
+    region, second = pick_lungs(both | bubble, core, hu, midline_x=30.0, min_voxels=10)
+    assert second is None and np.array_equal(region, both)  # both lungs, to be split
     right, left = np.zeros(shape, bool), np.zeros(shape, bool)
     right[8:20, 10:30, 5:28] = True
     left[8:20, 10:30, 32:55] = True
     bubble[:] = False
     bubble[0:6, 10:30, 32:55] = True  # half the left lung's size, under it
-    picked = pick_lungs(right | left | bubble, core, midline_x=30.0, min_voxels=10)
-    assert sorted(int(p.sum()) for p in picked) == sorted([int(right.sum()), int(left.sum())])
-    assert not any((p & bubble).any() for p in picked)
+    hu = np.where(bubble, -1000, -850)
+    picked = pick_lungs(right | left | bubble, core, hu, midline_x=30.0, min_voxels=10)
+    assert np.array_equal(picked[0], right) and np.array_equal(picked[1], left)
+    # the left lung airless: the right one alone, not split in two, and the gas is still no lung
+    picked = pick_lungs(right | bubble, core, hu, midline_x=30.0, min_voxels=10)
+    assert np.array_equal(picked[0], right) and not picked[1].any()
+    # ... while a lung as emphysematous as the COPDGene case's (median -918 HU) is still a lung
+    picked = pick_lungs(right | bubble, core, np.where(bubble, -918, -850), midline_x=30.0, min_voxels=10)
+    assert np.array_equal(picked[1], bubble)
 
 
 def test_stomach_gas_below_the_lungs_is_not_lung(shared_data):
@@ -292,6 +300,21 @@ def test_stomach_gas_below_the_lungs_is_not_lung(shared_data):
     assert not (labels[gas] > 0).any()
     for side in (RIGHT, LEFT):
         assert _dice(labels == side, ref == side) >= 0.95
+
+
+def test_a_whole_airless_lung_leaves_the_other_whole_and_is_flagged(shared_data):
+    """A0001 with its left lung made airless (+40 HU, a white-out the lung step cannot recover): the right
+    lung is kept as one lung and the left is flagged not found. Before, the right lung was split in two and
+    993 mL of it reported as the left lung, with no flag."""
+    scan = "lung-pet-ct-dx-A0001"
+    hu, spacing, ref = _real(shared_data, scan)
+    hu = hu.copy()
+    hu[ref == LEFT] = 40
+    labels = segment_lungs_with_model(hu, spacing, load_lung_model(_scripts_module("real_ct").lung_fold_model_path(scan)))
+    assert _dice(labels == RIGHT, ref == RIGHT) >= 0.97
+    assert not (labels == LEFT).any()
+    measures = lung_measures(hu, labels, np.zeros_like(labels), spacing)
+    assert "left_lung_not_found" in quality_flags(labels, measures, {})
 
 
 def test_abdomen_without_lungs_is_refused(shared_data, tmp_path):

@@ -219,15 +219,20 @@ def _largest_components(mask: np.ndarray, min_share: float = 0.05) -> list[np.nd
     return [labels == i + 1 for i in keep]
 
 
-def pick_lungs(candidates: np.ndarray, core: np.ndarray, midline_x: float, min_voxels: int,
-               min_share: float = 0.05, bilateral_share: float = 0.25) -> list[np.ndarray]:
-    """The air regions that are the lungs: one region holding both, or one lung and the other beside it.
+def pick_lungs(candidates: np.ndarray, core: np.ndarray, hu: np.ndarray, midline_x: float, min_voxels: int,
+               min_share: float = 0.05, bilateral_share: float = 0.1, gas_below_hu: float = -950.0
+               ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The air regions that are the lungs, as (right, left), or (both, None) for one region holding both.
 
     Only 3D components of ``candidates`` with at least ``min_voxels`` and a ``core`` voxel compete. The
-    largest is both lungs (split later) when at least ``bilateral_share`` of it lies on each side of the
-    body's midline (array x ``midline_x``): the lungs touch at the anterior junction on most scans. Otherwise
-    it is one lung, and the other is the largest remaining region, of at least ``min_share`` of its size, on
-    the other side of the midline. So gas in the stomach or bowel below the lungs is never a lung.
+    largest is both lungs (to be split) when at least ``bilateral_share`` of it lies on each side of the
+    body's midline (array x ``midline_x``; the patient's right has the lower x): the lungs touch at the
+    anterior junction on most scans (measured here: 0.50-0.57 of such a region on the right; a lung on
+    its own: 0.001). Otherwise it is one lung, and the other is the largest remaining region, of at least
+    ``min_share`` of its size, on the other side of the midline and not gas (median ``hu`` below
+    ``gas_below_hu``: lung parenchyma holds tissue and blood, -850 HU or so; the most emphysematous lungs
+    here, -918), or none (a lung with no aerated lung left, or removed): gas in the stomach or bowel below
+    the lungs is never a lung, and one lung is not split in two. (None, None) when no region qualifies.
     """
     labels, n = ndi.label(candidates)
     if n == 0:
@@ -237,21 +242,25 @@ def pick_lungs(candidates: np.ndarray, core: np.ndarray, midline_x: float, min_v
     sizes[sizes < min_voxels] = 0
     order = [int(i) for i in np.argsort(sizes)[::-1] if sizes[i] > 0]
     if not order:
-        return []
+        return None, None
     x_sums = np.bincount(labels.ravel(), weights=np.broadcast_to(
         np.arange(labels.shape[2], dtype=np.float64), labels.shape).ravel(), minlength=n + 1)[1:]
     first = labels == order[0] + 1
     per_x = np.count_nonzero(first, axis=(0, 1))
-    share_right_of_midline = per_x[: int(round(midline_x))].sum() / sizes[order[0]]  # patient's right: low x
+    share_right_of_midline = per_x[: int(round(midline_x))].sum() / sizes[order[0]]
     if min(share_right_of_midline, 1.0 - share_right_of_midline) >= bilateral_share:
-        return [first]
+        return first, None
     first_on_right = x_sums[order[0]] / sizes[order[0]] < midline_x
+    other = np.zeros_like(first)
     for i in order[1:]:
         if sizes[i] < min_share * sizes[order[0]]:
             break
         if (x_sums[i] / sizes[i] < midline_x) != first_on_right:
-            return [first, labels == i + 1]
-    return [first]
+            region = labels == i + 1
+            if np.median(hu[region]) >= gas_below_hu:
+                other = region
+                break
+    return (first, other) if first_on_right else (other, first)
 
 
 def thick_core(mask: np.ndarray, spacing_mm: tuple[float, float, float], half_width_mm: float) -> np.ndarray:
@@ -361,18 +370,20 @@ def segment_lungs(hu: np.ndarray, spacing_mm: tuple[float, float, float], *,
     candidates = air & ~airways
     core = thick_core(_fill_slices(candidates), coarse_spacing, min_lung_half_width_mm)  # vessels do not thin a lung
     midline = float(np.nonzero(body.any(axis=(0, 1)))[0].mean())
-    parts = pick_lungs(candidates, core, midline, int(np.ceil(min_lung_ml / voxel_ml)))
-    if not parts:
+    right, left = pick_lungs(candidates, core, hu_c, midline, int(np.ceil(min_lung_ml / voxel_ml)))
+    if right is None:
         log.warning("no lung found")
         return np.zeros(hu.shape, dtype=np.uint8)
-    if len(parts) == 1:
-        split = split_lungs(parts[0])
+    if left is None:  # one region holding both lungs
+        split = split_lungs(right)
         if split is None:
             log.warning("lungs could not be separated; splitting at the body midline")
             xs = np.arange(hu_c.shape[2])[None, None, :]
-            split = (parts[0] & (xs < midline), parts[0] & (xs >= midline))
-        parts = list(split)
-    right, left = _right_left(*parts)
+            split = (right & (xs < midline), right & (xs >= midline))
+        right, left = _right_left(*split)
+    for lung, side in ((right, "right"), (left, "left")):
+        if not lung.any():
+            log.warning("no aerated %s lung found", side)
     chest = body & ~airways  # where lung may extend: inside the body, outside trachea and main bronchi
     labels_c = np.zeros(hu_c.shape, dtype=np.uint8)
     labels_c[_fill_slices(right) & chest] = RIGHT
