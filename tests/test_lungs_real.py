@@ -272,6 +272,7 @@ def test_pick_lungs_takes_no_gas_below_the_lungs_for_a_lung():
     # the left lung airless: the right one alone, not split in two, and the gas is still no lung
     picked = pick_lungs(right | bubble, core, hu, midline_x=30.0, min_voxels=10)
     assert np.array_equal(picked[0], right) and not picked[1].any()
+    assert pick_lungs(np.zeros(shape, bool), core, hu, midline_x=30.0, min_voxels=10) == (None, None)  # no air
     # ... while a lung as emphysematous as the COPDGene case's (median -918 HU) is still a lung
     picked = pick_lungs(right | bubble, core, np.where(bubble, -918, -850), midline_x=30.0, min_voxels=10)
     assert np.array_equal(picked[1], bubble)

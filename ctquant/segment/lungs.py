@@ -236,7 +236,7 @@ def pick_lungs(candidates: np.ndarray, core: np.ndarray, hu: np.ndarray, midline
     """
     labels, n = ndi.label(candidates)
     if n == 0:
-        return []
+        return None, None
     sizes = np.bincount(labels[candidates], minlength=n + 1)[1:]
     sizes[np.setdiff1d(np.arange(1, n + 1), labels[core & candidates]) - 1] = 0
     sizes[sizes < min_voxels] = 0
