@@ -516,11 +516,10 @@ def accuracy_card(val: dict, spec: dict, cv: dict | None = None) -> dict:
 
 
 def write_json(path: Path, doc: dict) -> None:
-    """Write ``doc`` to ``path`` whole or not at all (a temporary file beside it, then renamed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(path)
+    """Write ``doc`` to ``path`` whole or not at all (``ctquant.outputs.atomic.atomic_write_text``)."""
+    from ctquant.outputs.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
 
 
 def _error(where: object, reason: str) -> None:

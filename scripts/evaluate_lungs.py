@@ -45,6 +45,7 @@ import numpy as np
 
 from ctquant.trial.agreement import mask_metrics
 from ctquant.io.scans import read_label_image
+from ctquant.segment.grid import block_mean
 from ctquant.segment.lung_model import LungModel, load_lung_model, segment_lungs_with_model
 from ctquant.segment.lungs import LEFT, RIGHT
 
@@ -183,15 +184,12 @@ def averaged(hu: np.ndarray, factors: tuple[int, int, int], lungs: np.ndarray | 
     """HU averaged over blocks of ``factors`` (z, y, x) voxels, as a thicker slice or a coarser matrix
     reconstructs them (int16), and ``lungs`` on the same blocks: a block is a lung where more than half of
     it is (trailing voxels that fill no whole block are dropped)."""
-    shape = tuple(n // f * f for n, f in zip(hu.shape, factors))
-    blocks = tuple(v for n, f in zip(shape, factors) for v in (n // f, f))
-    crop = tuple(slice(0, n) for n in shape)
-    hu_out = hu[crop].reshape(blocks).mean(axis=(1, 3, 5)).round().astype(np.int16)
+    hu_out = block_mean(hu, factors).round().astype(np.int16)
     if lungs is None:
         return hu_out, None
     lungs_out = np.zeros(hu_out.shape, np.uint8)
     for side in (RIGHT, LEFT):
-        lungs_out[(lungs[crop] == side).reshape(blocks).mean(axis=(1, 3, 5)) > 0.5] = side
+        lungs_out[block_mean(lungs == side, factors) > 0.5] = side
     return hu_out, lungs_out
 
 

@@ -243,23 +243,25 @@ def pick_lungs(candidates: np.ndarray, core: np.ndarray, hu: np.ndarray, midline
     order = [int(i) for i in np.argsort(sizes)[::-1] if sizes[i] > 0]
     if not order:
         return None, None
-    x_sums = np.bincount(labels.ravel(), weights=np.broadcast_to(
-        np.arange(labels.shape[2], dtype=np.float64), labels.shape).ravel(), minlength=n + 1)[1:]
+    xs = np.arange(labels.shape[2])
+
+    def on_right(region: np.ndarray) -> bool:  # its centroid on the patient's right of the midline
+        per_x = np.count_nonzero(region, axis=(0, 1))
+        return float(per_x @ xs) / per_x.sum() < midline_x
+
     first = labels == order[0] + 1
-    per_x = np.count_nonzero(first, axis=(0, 1))
-    share_right_of_midline = per_x[: int(round(midline_x))].sum() / sizes[order[0]]
+    share_right_of_midline = np.count_nonzero(first[:, :, : int(round(midline_x))]) / sizes[order[0]]
     if min(share_right_of_midline, 1.0 - share_right_of_midline) >= bilateral_share:
         return first, None
-    first_on_right = x_sums[order[0]] / sizes[order[0]] < midline_x
+    first_on_right = on_right(first)
     other = np.zeros_like(first)
     for i in order[1:]:
         if sizes[i] < min_share * sizes[order[0]]:
             break
-        if (x_sums[i] / sizes[i] < midline_x) != first_on_right:
-            region = labels == i + 1
-            if np.median(hu[region]) >= gas_below_hu:
-                other = region
-                break
+        region = labels == i + 1
+        if on_right(region) != first_on_right and np.median(hu[region]) >= gas_below_hu:
+            other = region
+            break
     return (first, other) if first_on_right else (other, first)
 
 

@@ -814,8 +814,8 @@ def run_compare(
     first_m, second_m = results["from"], results["to"]
     mismatch = result_mismatches(first_m, second_m)
     if mismatch and not allow_mismatch:
-        what = "; ".join(f"{m['field']} {m['from']} vs {m['to']}" for m in mismatch)
-        raise IncompatibleResults(f"results differ in {what} (use --allow-mismatch to compare anyway)", paths["to"])
+        raise IncompatibleResults(f"results differ in {describe_differences(mismatch)} "
+                                  "(use --allow-mismatch to compare anyway)", paths["to"])
     # the mismatch is one of the notes below, which `ctquant compare` prints (once)
 
     endpoints = config.for_timepoints(labels["from"], labels["to"])
