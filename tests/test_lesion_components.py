@@ -66,3 +66,61 @@ def test_opening_mm_is_the_distance_map_opening(diameter_mm, spacing_mm):
     got = opening_mm(mask, spacing_mm, diameter_mm)
     assert 0 < got.sum() < mask.sum()
     assert np.array_equal(got, expected)
+
+
+def test_remove_lesions_on_tissue_below_drops_a_sheet_on_the_dome_and_keeps_a_basal_lesion():
+    """A lesion one slice thick lying on tissue below the lungs (a dome's partial volume) is dropped; a
+    lesion four slices thick resting on the same tissue, and everything with ``max_share`` 1, is kept."""
+    from ctquant.segment.lesions import remove_lesions_on_tissue_below
+
+    shape = (12, 40, 80)
+    hu = np.full(shape, -850, np.int16)
+    lungs = np.ones(shape, np.uint8)
+    lungs[:, :, 40:] = 2
+    # the diaphragm: tissue outside the lungs up to slice 3 (right) and slice 2 (left), a dome up to
+    # slice 4 under the right sheet
+    hu[:4], lungs[:4] = 50, 0
+    hu[4, 10:20, 10:20], lungs[4, 10:20, 10:20] = 50, 0
+    labels = np.zeros(shape, np.uint8)
+    labels[5, 9:21, 9:21] = 1  # a ring of "GGO" on top of the dome: one slice thick
+    labels[5, 13:17, 13:17] = 2
+    labels[4:8, 10:30, 50:70] = 2  # basal consolidation four slices thick on the left diaphragm
+    labels[4, 10:30, 50:70] = 1
+    out = remove_lesions_on_tissue_below(labels, lungs, hu, 0.5)
+    assert not out[5, :, :40].any()  # the sheet is gone
+    assert np.array_equal(out[:, :, 40:], labels[:, :, 40:])  # the basal lesion is whole (share 1/4)
+    assert np.array_equal(remove_lesions_on_tissue_below(labels, lungs, hu, 1.0), labels)
+    assert np.array_equal(remove_lesions_on_tissue_below(labels, lungs, hu, 0.2)[:, :, 40:], 0 * labels[:, :, 40:])
+    # a lesion in the lowest slice has nothing below it in the image: it stays
+    low = np.zeros(shape, np.uint8)
+    low[0, 5:8, 5:8] = 1
+    assert np.array_equal(remove_lesions_on_tissue_below(low, np.ones(shape, np.uint8), hu, 0.5), low)
+
+
+def test_sheets_on_the_domes_of_a_real_normal_scan_are_dropped(shared_data):
+    """Real lungs without pneumonia (A0001, reference lungs, 5 mm slices): most of the HU bands' ground glass
+    is the partial volume of the diaphragm domes; the shipped rule drops it (measured 20205 → 11036 GGO
+    voxels, 95 % of what goes within 100 mm of the lung bases)."""
+    import sys
+    from pathlib import Path
+
+    from ctquant.config import load_quantify_config
+    from ctquant.segment.lesions import segment_lesions_hu_config
+
+    if not (shared_data / "real-ct" / "lung-pet-ct-dx-A0001").exists():
+        pytest.skip("lung-pet-ct-dx-A0001 is not in ../shared/data/real-ct")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from real_ct import load_reference_scan
+
+    hu, spacing, lungs = load_reference_scan(shared_data / "real-ct", "lung-pet-ct-dx-A0001")
+    config = load_quantify_config()
+    kept = segment_lesions_hu_config(hu, lungs, spacing, config)
+    every = segment_lesions_hu_config(hu, lungs, spacing, {**config, "max_lesion_share_on_tissue_below": 1.0})
+    assert np.count_nonzero(kept == 1) < 0.6 * np.count_nonzero(every == 1)
+    dropped = (every > 0) & (kept == 0)
+    assert np.array_equal(kept[~dropped], every[~dropped])  # only whole components go
+    base_z = np.flatnonzero(lungs.any(axis=(1, 2)))[0]
+    near_base = np.nonzero(dropped)[0] < base_z + 100.0 / spacing[0]
+    assert near_base.mean() > 0.9
+    right = lungs == 1  # the left lung holds the tumour (and its GGO rim)
+    assert 100.0 * np.count_nonzero((kept == 1) & right) / np.count_nonzero(right) < 0.6  # measured 1.05 -> 0.51 %

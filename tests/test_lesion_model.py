@@ -447,9 +447,12 @@ def test_model_min_component_is_a_config_key_the_product_applies(monkeypatch):
         spacing_mm = (2.0, 0.5, 0.5)
 
     run_scan.segment_lesions(FakeScan(), np.ones((4, 8, 8), np.uint8), method="model", model=object(),
-                             config={"model_min_component_mm3": 123.0, "model_min_ggo_thickness_mm": 2.5})
-    assert seen == {"spacing_mm": (2.0, 0.5, 0.5), "min_component_mm3": 123.0, "min_ggo_thickness_mm": 2.5}
+                             config={"model_min_component_mm3": 123.0, "model_min_ggo_thickness_mm": 2.5,
+                                     "max_lesion_share_on_tissue_below": 0.6})
+    assert seen == {"spacing_mm": (2.0, 0.5, 0.5), "min_component_mm3": 123.0, "min_ggo_thickness_mm": 2.5,
+                    "max_share_on_tissue_below": 0.6}
     assert load_quantify_config()["model_min_ggo_thickness_mm"] > 0
+    assert 0 < load_quantify_config()["max_lesion_share_on_tissue_below"] < 1
 
 
 def test_thin_ggo_rim_is_dropped_thick_ggo_and_consolidation_kept():

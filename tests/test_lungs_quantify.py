@@ -91,7 +91,9 @@ def test_sample_hu_method_against_truth(sample_dir, tmp_path, timepoint):
     """Lung volumes within 3 %, HU-band GGO within 25 % and opacity (GGO + consolidation) within 35 %.
 
     Measured with the classical lung step alone: lungs -0.6 % / -0.3 %, GGO -7 % / -22 %, opacity +7 % /
-    +17 % (baseline / day 14); with the dense-lung network (the product) opacity +17 % / +30 %: it adds
+    +17 % (baseline / day 14); with the dense-lung network (the product) opacity +17 % / +30 % (GGO -7 % /
+    -22 %; with the tissue-below rule of ``configs/quantify.yaml`` -9 % / -24 % and opacity +15 % / +27 %,
+    the rule dropping 12.8 / 6.7 mL of phantom lesion one slice thick on its diaphragm): it adds
     48 mL on day 14, paravertebral and heart-border tissue of the phantom (its apex and heart have no
     real anatomy around them), which the HU bands count as consolidation. Opacity is asserted within 35 %.
     The shipped vessel rule is set for real CT, where unenhanced consolidation is as dense as blood

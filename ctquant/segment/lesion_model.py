@@ -339,23 +339,28 @@ def remove_thin_ggo(labels: np.ndarray, spacing_mm: tuple[float, float, float], 
 
 def postprocess_settings(config: dict[str, Any]) -> dict[str, float]:
     """The keyword arguments of :func:`segment_lesions` that a quantify config sets on volumes:
-    ``model_min_component_mm3`` and ``model_min_ggo_thickness_mm`` (0 when absent)."""
+    ``model_min_component_mm3`` and ``model_min_ggo_thickness_mm`` (0 when absent) and
+    ``max_lesion_share_on_tissue_below`` (1, keep all, when absent)."""
     return {"min_component_mm3": float(config.get("model_min_component_mm3", 0.0)),
-            "min_ggo_thickness_mm": float(config.get("model_min_ggo_thickness_mm", 0.0))}
+            "min_ggo_thickness_mm": float(config.get("model_min_ggo_thickness_mm", 0.0)),
+            "max_share_on_tissue_below": float(config.get("max_lesion_share_on_tissue_below", 1.0))}
 
 
 def segment_lesions(hu: np.ndarray, lung_mask: np.ndarray, model: LesionModel, batch_size: int | None = None,
                     margin_fraction: float = DEFAULT_CROP_MARGIN_FRACTION,
                     spacing_mm: tuple[float, float, float] | None = None,
-                    min_component_mm3: float = 0.0, min_ggo_thickness_mm: float = 0.0) -> np.ndarray:
+                    min_component_mm3: float = 0.0, min_ggo_thickness_mm: float = 0.0,
+                    max_share_on_tissue_below: float = 1.0) -> np.ndarray:
     """GGO (1) and consolidation (2) labels (z, y, x) uint8 of an HU volume, zero outside ``lung_mask``.
 
     Only slices containing lung are run; each is cropped to the lung bounding box (see
     :func:`lung_crop_box`), normalised with :func:`hu_to_unit` at the model's HU window and passed
     through :func:`predict_slices`, ``batch_size`` slices at a time (default :data:`DEFAULT_BATCH_SIZE`).
     With ``spacing_mm``, ground glass thinner than ``min_ggo_thickness_mm`` (:func:`remove_thin_ggo`), then
-    lesion components smaller than ``min_component_mm3`` (:func:`remove_small_lesions`) are dropped
-    (``configs/quantify.yaml`` ``model_min_ggo_thickness_mm``, ``model_min_component_mm3``; see
+    lesion components smaller than ``min_component_mm3`` (:func:`remove_small_lesions`) are dropped, and
+    so are those with more than ``max_share_on_tissue_below`` of their voxels directly above tissue below the
+    lungs (:func:`ctquant.segment.lesions.remove_lesions_on_tissue_below`; ``configs/quantify.yaml``
+    ``model_min_ggo_thickness_mm``, ``model_min_component_mm3``, ``max_lesion_share_on_tissue_below``; see
     :func:`postprocess_settings`).
     """
     hu = np.asarray(hu)
@@ -380,4 +385,8 @@ def segment_lesions(hu: np.ndarray, lung_mask: np.ndarray, model: LesionModel, b
         labels[z_box, y_box, x_box] = remove_thin_ggo(labels[z_box, y_box, x_box], spacing_mm, min_ggo_thickness_mm)
     if spacing_mm is not None and min_component_mm3 > 0:
         labels[z_box, y_box, x_box] = remove_small_lesions(labels[z_box, y_box, x_box], spacing_mm, min_component_mm3)
+    if max_share_on_tissue_below < 1.0:
+        from .lesions import remove_lesions_on_tissue_below
+
+        labels = remove_lesions_on_tissue_below(labels, lung, hu, max_share_on_tissue_below)
     return labels
