@@ -87,8 +87,10 @@ def test_network_only_adds_soft_tissue_touching_the_lungs(sample_dir):
 
 
 def test_phantom_lungs_stay_right_with_the_network(sample_dir):
-    """The sample's truth: the network costs the phantom little (measured Dice 0.962 against 0.966 for the
-    classical step alone: it adds some of the phantom's heart border, which has no fat plane)."""
+    """The sample's truth: the network costs the phantom little (measured Dice 0.960 against 0.964 for the
+    classical step alone: it adds some of the phantom's heart border, which has no fat plane; a retraining on
+    the classical masks with the rib-cage fill's 4 mm minimum, not shipped, also added 44 mL of its anterior
+    mediastinal fat and scored 0.956)."""
     scan = load_scan(sample_dir / "baseline")
     truth, _ = read_label_image(sample_dir / "truth" / "baseline_lungs.nii.gz")
     classical = segment_lungs(scan.hu, scan.spacing_mm)
@@ -104,12 +106,13 @@ def _real(shared_data, scan: str):
     return _scripts_module("real_ct").load_reference_scan(shared_data / "real-ct", scan)
 
 
-# Measured with the fold model that never saw the scan (scripts/evaluate_lungs.py --real, seed 1): kept 52 %
-# of the painted consolidation on A0001 (classical step 37 %), 79 % on COPDGene (48 %); leak on the clean
-# scans 1.22 % and 5.27 % (classical 1.19 / 4.87 %). Asserted with a margin.
+# Measured with the fold model that never saw the scan (scripts/evaluate_lungs.py --real, seed 1): kept 53 %
+# of the painted consolidation on A0001 (classical step 36 %), 78 % on COPDGene (48 %); leak on the clean
+# scans 0.99 % and 3.57 % (classical 0.97 / 3.49 %; before the rib-cage fill's 4 mm minimum 1.22 / 5.27 %).
+# Asserted with a margin.
 HELD_OUT_BOUNDS = {  # scan: (kept at least, classical kept at most, leak on the clean scan at most %)
-    "lung-pet-ct-dx-A0001": (0.48, 0.42, 1.8),
-    "copdgene-10002K-x8/ct-64.nrrd": (0.72, 0.53, 5.8),
+    "lung-pet-ct-dx-A0001": (0.48, 0.42, 1.5),
+    "copdgene-10002K-x8/ct-64.nrrd": (0.72, 0.53, 4.1),
 }
 
 

@@ -197,6 +197,13 @@ def _without_domes(add: np.ndarray, lung: np.ndarray, hu_grid: np.ndarray, dome_
     return out
 
 
+def _touching(add: np.ndarray, lung: np.ndarray) -> np.ndarray:
+    """``add`` less its 3D components (face-connected, with the lungs) that touch no ``lung`` voxel."""
+    components, _ = ndi.label(add | lung)
+    touching = np.unique(components[lung])
+    return add & np.isin(components, touching[touching > 0])
+
+
 def dense_lung_on_grid(probability: np.ndarray, hu_grid: np.ndarray, lung_grid_labels: np.ndarray,
                        grid: LungGrid, *, threshold: float, opening_mm: float, dense_min_hu: float,
                        bone_hu: float) -> np.ndarray:
@@ -210,15 +217,13 @@ def dense_lung_on_grid(probability: np.ndarray, hu_grid: np.ndarray, lung_grid_l
         add = ndi.binary_opening(add, structure=cross, iterations=iterations)
     if not add.any():
         return np.zeros(add.shape, dtype=np.uint8)
-    components, _ = ndi.label(add | lung)
-    touching = np.unique(components[lung])
-    add &= np.isin(components, touching[touching > 0])
+    add = _touching(add, lung)
     for m in np.flatnonzero(add.any(axis=(1, 2))):  # enclosed by a slice's lung (across a partial-volume rim of up
         # to ``ENCLOSED_GAP_PX``): a diaphragm dome the classical step took out (enclosed dense lung it fills itself)
         closed = ndi.binary_closing(np.pad(lung[m], ENCLOSED_GAP_PX), iterations=ENCLOSED_GAP_PX)
         closed = closed[ENCLOSED_GAP_PX:-ENCLOSED_GAP_PX, ENCLOSED_GAP_PX:-ENCLOSED_GAP_PX]
         add[m] &= ~ndi.binary_fill_holes(closed)
-    add = _without_domes(add, lung, hu_grid)
+    add = _touching(_without_domes(add, lung, hu_grid), lung)  # what the two rules cut off goes too
     if not add.any():
         return np.zeros(add.shape, dtype=np.uint8)
     # the label of the nearest lung voxel, searched in the box of what is added grown by NEAREST_MARGIN_PX
