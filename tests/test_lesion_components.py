@@ -69,38 +69,39 @@ def test_opening_mm_is_the_distance_map_opening(diameter_mm, spacing_mm):
 
 
 def test_remove_lesions_on_tissue_below_drops_a_sheet_on_the_dome_and_keeps_a_basal_lesion():
-    """A lesion one slice thick lying on tissue below the lungs (a dome's partial volume) is dropped; a
-    lesion four slices thick resting on the same tissue, and everything with ``max_share`` 1, is kept."""
+    """A lesion one slice thick lying on tissue (a dome's partial volume) is dropped, also where hole filling
+    made the dome's top lung; a lesion four slices thick resting on the same tissue, and everything with
+    ``max_share`` 1, is kept."""
     from ctquant.segment.lesions import remove_lesions_on_tissue_below
 
     shape = (12, 40, 80)
     hu = np.full(shape, -850, np.int16)
-    lungs = np.ones(shape, np.uint8)
-    lungs[:, :, 40:] = 2
-    # the diaphragm: tissue outside the lungs up to slice 3 (right) and slice 2 (left), a dome up to
-    # slice 4 under the right sheet
-    hu[:4], lungs[:4] = 50, 0
-    hu[4, 10:20, 10:20], lungs[4, 10:20, 10:20] = 50, 0
+    # the diaphragm: tissue up to slice 3, and a dome's top in slice 4 under each sheet
+    hu[:4] = 50
+    hu[4, 10:20, 10:20] = 50
+    hu[4, 25:35, 10:20] = 40
     labels = np.zeros(shape, np.uint8)
     labels[5, 9:21, 9:21] = 1  # a ring of "GGO" on top of the dome: one slice thick
     labels[5, 13:17, 13:17] = 2
-    labels[4:8, 10:30, 50:70] = 2  # basal consolidation four slices thick on the left diaphragm
+    labels[5, 24:36, 9:21] = 1  # the same on a dome top that the lung mask holds (its HU is what counts)
+    labels[4:8, 10:30, 50:70] = 2  # basal consolidation four slices thick on the diaphragm
     labels[4, 10:30, 50:70] = 1
-    out = remove_lesions_on_tissue_below(labels, lungs, hu, 0.5)
-    assert not out[5, :, :40].any()  # the sheet is gone
+    out = remove_lesions_on_tissue_below(labels, hu, 0.5)
+    assert not out[5, :, :40].any()  # both sheets are gone
     assert np.array_equal(out[:, :, 40:], labels[:, :, 40:])  # the basal lesion is whole (share 1/4)
-    assert np.array_equal(remove_lesions_on_tissue_below(labels, lungs, hu, 1.0), labels)
-    assert np.array_equal(remove_lesions_on_tissue_below(labels, lungs, hu, 0.2)[:, :, 40:], 0 * labels[:, :, 40:])
+    assert np.array_equal(remove_lesions_on_tissue_below(labels, hu, 1.0), labels)
+    assert not remove_lesions_on_tissue_below(labels, hu, 0.2)[:, :, 40:].any()
     # a lesion in the lowest slice has nothing below it in the image: it stays
     low = np.zeros(shape, np.uint8)
     low[0, 5:8, 5:8] = 1
-    assert np.array_equal(remove_lesions_on_tissue_below(low, np.ones(shape, np.uint8), hu, 0.5), low)
+    assert np.array_equal(remove_lesions_on_tissue_below(low, hu, 0.5), low)
 
 
 def test_sheets_on_the_domes_of_a_real_normal_scan_are_dropped(shared_data):
     """Real lungs without pneumonia (A0001, reference lungs, 5 mm slices): most of the HU bands' ground glass
-    is the partial volume of the diaphragm domes; the shipped rule drops it (measured 20205 → 11036 GGO
-    voxels, 95 % of what goes within 100 mm of the lung bases)."""
+    is the partial volume of the diaphragm domes; the shipped rule drops it (measured 20205 → 10407 GGO
+    voxels, 89 % of what goes within 100 mm of the lung bases, most of the rest sheets over vessels and the
+    tumour's top)."""
     import sys
     from pathlib import Path
 
@@ -121,6 +122,6 @@ def test_sheets_on_the_domes_of_a_real_normal_scan_are_dropped(shared_data):
     assert np.array_equal(kept[~dropped], every[~dropped])  # only whole components go
     base_z = np.flatnonzero(lungs.any(axis=(1, 2)))[0]
     near_base = np.nonzero(dropped)[0] < base_z + 100.0 / spacing[0]
-    assert near_base.mean() > 0.9
+    assert near_base.mean() > 0.85
     right = lungs == 1  # the left lung holds the tumour (and its GGO rim)
-    assert 100.0 * np.count_nonzero((kept == 1) & right) / np.count_nonzero(right) < 0.6  # measured 1.05 -> 0.51 %
+    assert 100.0 * np.count_nonzero((kept == 1) & right) / np.count_nonzero(right) < 0.6  # measured 1.05 -> 0.47 %

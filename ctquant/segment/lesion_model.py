@@ -358,8 +358,8 @@ def segment_lesions(hu: np.ndarray, lung_mask: np.ndarray, model: LesionModel, b
     through :func:`predict_slices`, ``batch_size`` slices at a time (default :data:`DEFAULT_BATCH_SIZE`).
     With ``spacing_mm``, ground glass thinner than ``min_ggo_thickness_mm`` (:func:`remove_thin_ggo`), then
     lesion components smaller than ``min_component_mm3`` (:func:`remove_small_lesions`) are dropped, and
-    so are those with more than ``max_share_on_tissue_below`` of their voxels directly above tissue below the
-    lungs (:func:`ctquant.segment.lesions.remove_lesions_on_tissue_below`; ``configs/quantify.yaml``
+    so are those with more than ``max_share_on_tissue_below`` of their voxels directly above tissue that is not
+    lesion (:func:`ctquant.segment.lesions.remove_lesions_on_tissue_below`; ``configs/quantify.yaml``
     ``model_min_ggo_thickness_mm``, ``model_min_component_mm3``, ``max_lesion_share_on_tissue_below``; see
     :func:`postprocess_settings`).
     """
@@ -388,5 +388,5 @@ def segment_lesions(hu: np.ndarray, lung_mask: np.ndarray, model: LesionModel, b
     if max_share_on_tissue_below < 1.0:
         from .lesions import remove_lesions_on_tissue_below
 
-        labels = remove_lesions_on_tissue_below(labels, lung, hu, max_share_on_tissue_below)
+        labels = remove_lesions_on_tissue_below(labels, hu, max_share_on_tissue_below)
     return labels

@@ -163,7 +163,7 @@ def segment_lesions_hu_config(hu: np.ndarray, lung_labels: np.ndarray, spacing_m
     labels = segment_lesions_hu(hu, lung_labels, spacing_mm, ggo_band_hu=tuple(bands["ggo"]),
                                 consolidation_band_hu=tuple(bands["consolidation"]),
                                 **{key: float(vessels[key]) for key in VESSEL_SETTINGS if key in vessels})
-    return remove_lesions_on_tissue_below(labels, lung_labels, hu, float(config.get("max_lesion_share_on_tissue_below", 1.0)))
+    return remove_lesions_on_tissue_below(labels, hu, float(config.get("max_lesion_share_on_tissue_below", 1.0)))
 
 
 def normal_lung_hu(lung_hu: np.ndarray, aerated_max_hu: float = -600.0) -> tuple[float, float]:
@@ -259,17 +259,18 @@ def remove_small(mask: np.ndarray, min_voxels: float, connectivity: int = 1) -> 
     return out
 
 
-def remove_lesions_on_tissue_below(labels: np.ndarray, lung_mask: np.ndarray, hu: np.ndarray, max_share: float,
+def remove_lesions_on_tissue_below(labels: np.ndarray, hu: np.ndarray, max_share: float,
                                    tissue_min_hu: float = -200.0) -> np.ndarray:
-    """``labels`` without the lesion components that lie on tissue below the lungs: partial-volume sheets.
+    """``labels`` without the lesion components that lie on tissue below them: partial-volume sheets.
 
     An axial slice just above the top of a diaphragm dome (liver, spleen) cuts it obliquely, so the lung
     there holds a disc or ring of hazy density above the tissue below, which both methods call GGO or
-    consolidation; the top of the heart, the aortic arch or a mass outside the lung mask do the same. A
-    26-connected lesion component (GGO and consolidation together) is dropped when more than ``max_share``
-    of its voxels lie directly above tissue outside the lungs (``hu`` ≥ ``tissue_min_hu`` in the slice
-    below, not in ``lung_mask``): a sheet one or two slices thick. A lesion that is thick in z rests on
-    the diaphragm with its lowest slice only. Axis 0 runs from the feet to the head (LPS), as
+    consolidation; the top of the heart, the aortic arch or a mass do the same. A 26-connected lesion
+    component (GGO and consolidation together) is dropped when more than ``max_share`` of its voxels lie
+    directly above tissue that is not lesion (``hu`` ≥ ``tissue_min_hu`` in the slice below, not in
+    ``labels``: outside the lungs, or inside them where per-slice hole filling made the dome's top lung): a
+    sheet one or two slices thick. A lesion that is thick in z rests on the diaphragm with its lowest slice
+    only, and consolidation under ground glass is lesion. Axis 0 runs from the feet to the head (LPS), as
     :mod:`ctquant.io.scans` delivers volumes. ``max_share`` ≥ 1 keeps every component.
     """
     lesion = labels > 0
@@ -278,7 +279,7 @@ def remove_lesions_on_tissue_below(labels: np.ndarray, lung_mask: np.ndarray, hu
     box = bounding_box(lesion)
     below = (slice(max(0, box[0].start - 1), box[0].stop - 1),) + box[1:]  # the slice under each one of the box
     inner = np.ascontiguousarray(lesion[box])
-    on_tissue = (np.asarray(lung_mask)[below] == 0) & (np.asarray(hu)[below] >= tissue_min_hu)
+    on_tissue = ~lesion[below] & (np.asarray(hu)[below] >= tissue_min_hu)
     if box[0].start == 0:  # the lowest slice has nothing below it in the image
         on_tissue = np.concatenate([np.zeros((1,) + on_tissue.shape[1:], dtype=bool), on_tissue])
     comps = cc3d.connected_components(inner, connectivity=26)
