@@ -341,9 +341,11 @@ def postprocess_settings(config: dict[str, Any]) -> dict[str, float]:
     """The keyword arguments of :func:`segment_lesions` that a quantify config sets on volumes:
     ``model_min_component_mm3`` and ``model_min_ggo_thickness_mm`` (0 when absent) and
     ``max_lesion_share_on_tissue_below`` (1, keep all, when absent)."""
+    from .lesions import max_share_on_tissue_below
+
     return {"min_component_mm3": float(config.get("model_min_component_mm3", 0.0)),
             "min_ggo_thickness_mm": float(config.get("model_min_ggo_thickness_mm", 0.0)),
-            "max_share_on_tissue_below": float(config.get("max_lesion_share_on_tissue_below", 1.0))}
+            "max_share_on_tissue_below": max_share_on_tissue_below(config)}
 
 
 def segment_lesions(hu: np.ndarray, lung_mask: np.ndarray, model: LesionModel, batch_size: int | None = None,

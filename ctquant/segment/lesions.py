@@ -163,7 +163,13 @@ def segment_lesions_hu_config(hu: np.ndarray, lung_labels: np.ndarray, spacing_m
     labels = segment_lesions_hu(hu, lung_labels, spacing_mm, ggo_band_hu=tuple(bands["ggo"]),
                                 consolidation_band_hu=tuple(bands["consolidation"]),
                                 **{key: float(vessels[key]) for key in VESSEL_SETTINGS if key in vessels})
-    return remove_lesions_on_tissue_below(labels, hu, float(config.get("max_lesion_share_on_tissue_below", 1.0)))
+    return remove_lesions_on_tissue_below(labels, hu, max_share_on_tissue_below(config))
+
+
+def max_share_on_tissue_below(config: dict) -> float:
+    """A quantify config's ``max_lesion_share_on_tissue_below`` (1, keep all, when absent), for both methods
+    (:func:`remove_lesions_on_tissue_below`)."""
+    return float(config.get("max_lesion_share_on_tissue_below", 1.0))
 
 
 def normal_lung_hu(lung_hu: np.ndarray, aerated_max_hu: float = -600.0) -> tuple[float, float]:
