@@ -19,7 +19,10 @@ GGO, CONSOLIDATION = 1, 2
 #: Keywords of :func:`segment_lesions_hu` that ``configs/quantify.yaml`` sets under ``vessel_removal``.
 VESSEL_SETTINGS = ("min_consolidation_thickness_mm", "vessel_min_hu", "vessel_sigma_mm", "context_sigma_mm",
                    "min_ggo_share", "min_component_ml", "smooth_sigma_mm", "min_ggo_thickness_mm", "ggo_above_normal_sd",
-                   "normal_band_mm")
+                   "normal_band_mm", "pleural_rim_voxels")
+#: The 4 in-plane neighbours of a (z, y, x) voxel.
+_IN_PLANE_CROSS = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE_CROSS[1, 1, :] = _IN_PLANE_CROSS[1, :, 1] = True
 #: cc3d connectivity of scipy's connectivity 1..ndim, per mask dimension.
 _CC3D_CONNECTIVITY = {2: (4, 8), 3: (6, 18, 26)}
 
@@ -90,7 +93,7 @@ def segment_lesions_hu(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tupl
                        context_sigma_mm: float = 3.0, min_ggo_share: float = 0.5,
                        min_component_ml: float = 0.05, smooth_sigma_mm: float = 0.0,
                        min_ggo_thickness_mm: float = 0.0, ggo_above_normal_sd: float = 0.0,
-                       normal_band_mm: float = 0.0) -> np.ndarray:
+                       normal_band_mm: float = 0.0, pleural_rim_voxels: float = 0.0) -> np.ndarray:
     """GGO and consolidation from HU bands inside the lungs, vessels told apart from consolidation.
 
     Voxels in the consolidation band are dense: consolidation, but also vessels, bronchial walls and
@@ -114,6 +117,9 @@ def segment_lesions_hu(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tupl
     the fixed band would call a quarter of it ground glass). With ``normal_band_mm`` > 0 that normal
     level is local (:func:`normal_lung_level_hu`: per lung, in coronal bands ``normal_band_mm`` thick
     along y), because normal lung is denser towards the back of a supine patient (gravity).
+    Ground glass in the outermost ``pleural_rim_voxels`` in-plane voxel layers of the lung mask counts only
+    where the lung just inside them is ground glass too (:func:`drop_rim_ggo`: those voxels are part chest
+    wall, and at coarse voxels the thickness rule cannot tell them apart).
     Components smaller than ``min_component_ml`` are dropped. Known limits: vessels crossing ground
     glass count as consolidation where they are lighter than ``vessel_min_hu``; consolidation denser
     than ``vessel_min_hu`` (unenhanced, fluid-filled) is missed.
@@ -147,11 +153,37 @@ def segment_lesions_hu(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tupl
             light & (ggo_share >= min_ggo_share))
     else:
         consolidation = dense
+    if pleural_rim_voxels > 0:
+        ggo = drop_rim_ggo(ggo, lung, int(round(pleural_rim_voxels)))
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     inner = labels[box]
     inner[remove_small(ggo, min_component_ml / voxel_ml)] = GGO
     inner[remove_small(consolidation, min_component_ml / voxel_ml)] = CONSOLIDATION
     return labels
+
+
+def drop_rim_ggo(ggo: np.ndarray, lung: np.ndarray, rim_voxels: int = 1) -> np.ndarray:
+    """``ggo`` without the ground glass of the lung's partial-volume rim.
+
+    A lung mask's outermost voxels in the axial plane (``rim_voxels`` layers, 4-connected in-plane) mix
+    lung with the chest wall, mediastinum or diaphragm, so normal lung there reads -400 … -700 HU, the
+    ground-glass band. At fine in-plane voxels the ground-glass thickness rule removes that rim; at 4 mm it
+    cannot (its ball is one voxel), and the rim alone was 8 % of a normal (emphysematous) lung. Ground
+    glass in the rim is kept where it reaches ground glass inside it (within ``rim_voxels``): real
+    subpleural ground glass is thicker than the rim. In-plane only: across 3-5 mm slices the rim would be
+    the ground glass over consolidation that the lung step left out. ``lung`` is the mask of both lungs
+    (z, y, x); beyond its array is taken as not lung.
+    """
+    if rim_voxels <= 0 or not ggo.any():
+        return ggo
+    margin = 2 * rim_voxels  # in the grown box, the rim test at every ground-glass voxel is exact
+    box = tuple(slice(max(0, b.start - margin), min(n, b.stop + margin)) for b, n in zip(bounding_box(ggo), ggo.shape))
+    lung_box, ggo_box = lung[box], ggo[box]
+    interior = ndi.binary_erosion(lung_box, _IN_PLANE_CROSS, iterations=rim_voxels, border_value=0)
+    reached = ndi.binary_dilation(ggo_box & interior, _IN_PLANE_CROSS, iterations=rim_voxels)
+    out = ggo.copy()
+    out[box] = ggo_box & (interior | reached)
+    return out
 
 
 def segment_lesions_hu_config(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tuple[float, float, float],
