@@ -68,6 +68,23 @@ def test_opening_mm_is_the_distance_map_opening(diameter_mm, spacing_mm):
     assert np.array_equal(got, expected)
 
 
+@pytest.mark.parametrize("pixel_mm", [1.8, 2.5])
+def test_opening_mm_at_pixels_between_half_the_diameter_and_the_diameter(pixel_mm):
+    """A 3 mm opening at 1.8 or 2.5 mm pixels (the 3 mm ball is a single voxel): a one-pixel sheet goes, a
+    two-pixel slab and a 3 x 3 block stay whole; at 4 mm pixels (a voxel already 3 mm thick) nothing goes."""
+    from ctquant.segment.lesions import opening_mm
+
+    mask = np.zeros((3, 30, 30), bool)
+    mask[:, 3, 2:28] = True  # one pixel thick
+    mask[:, 8:10, 2:28] = True  # two pixels
+    mask[:, 15:18, 15:18] = True
+    sheet = np.zeros_like(mask)
+    sheet[:, 3, 2:28] = True
+    got = opening_mm(mask, (5.0, pixel_mm, pixel_mm), 3.0)
+    np.testing.assert_array_equal(got, mask & ~sheet)
+    np.testing.assert_array_equal(opening_mm(mask, (5.0, 4.0, 4.0), 3.0), mask)
+
+
 def test_remove_lesions_on_tissue_below_drops_a_sheet_on_the_dome_and_keeps_a_basal_lesion():
     """A lesion one slice thick lying on tissue (a dome's partial volume) is dropped, also where hole filling
     made the dome's top lung; a lesion four slices thick resting on the same tissue, and everything with

@@ -88,14 +88,16 @@ def _truth(sample_dir, timepoint):
 
 @pytest.mark.parametrize("timepoint", ["baseline", "day14"])
 def test_sample_hu_method_against_truth(sample_dir, tmp_path, timepoint):
-    """Lung volumes within 3 %, HU-band GGO within 40 % and opacity (GGO + consolidation) within 35 %.
+    """Lung volumes within 3 %, HU-band GGO within 50 % and opacity (GGO + consolidation) within 15 %.
 
-    Measured with the shipped lung step and ``pleural_rim_voxels: 1`` (session 18): lungs +0.3 % / +0.3 %,
-    GGO -14 % / -36 %, opacity +9 % / +16 % (baseline / day 14). The rim rule takes 22.6 / 24.1 mL of the
-    phantom's ground glass at its 1.8 mm pixels (10.5 / 16.3 mL of it beside dense lung that the lung step
-    leaves out, so that the mask's edge there is not the pleura); on the real scans it took the partial-volume
-    shell of normal lungs (COPDGene 8.4 → 2.2 % GGO) and lowered every hybrid's GGO error (README
-    "Accuracy"). Before it (session 17): GGO -10 % / -28 %, opacity +12 % / +22 %. The day-14 GGO went from -24 % to -28 % when the rib-cage fill stopped
+    Measured with the shipped lung step (session 18): lungs +0.3 % / +0.3 %, GGO -21 % / -47 %, opacity
+    +2.5 % / +4.8 % (baseline / day 14). Two rules of session 18 act at the phantom's 1.8 mm pixels, where the
+    3 mm ball of the thickness rule used to be a single voxel: the thickness rule now opens by two pixels there
+    (``opening_mm``) and ground glass in the lung mask's outermost pixel needs ground glass inside it
+    (``pleural_rim_voxels``). They take the phantom's thin and noise-fragmented ground glass (the rim rule
+    alone: GGO -14 % / -36 %, opacity +9 % / +16 %); on real scans averaged to 1.7-2.1 mm pixels they took the
+    false GGO of normal lungs from 4-8 % to 1-3 % and brought the hybrids' GGO errors towards the truth
+    (README "Accuracy"). Before both (session 17): GGO -10 % / -28 %, opacity +12 % / +22 %. The day-14 GGO went from -24 % to -28 % when the rib-cage fill stopped
     filling stretches under 4 mm (real scans: lung outside the reference 1.22 → 0.99 % on A0001, 5.27 →
     3.57 % on COPDGene): the phantom's thin pleura-based ground glass no longer all counts as lung.
     Earlier, with the classical lung step alone: lungs -0.6 % / -0.3 %, GGO -7 % / -22 %, opacity +7 % /
@@ -115,9 +117,9 @@ def test_sample_hu_method_against_truth(sample_dir, tmp_path, timepoint):
         got, want = measures["lungs"][side], truth[side]
         assert got["lung_volume_ml"] == pytest.approx(want["lung_ml"], rel=0.03)
     both, want = measures["lungs"]["both"], truth["both"]
-    assert both["ggo_volume_ml"] == pytest.approx(want["ggo_ml"], rel=0.40)
+    assert both["ggo_volume_ml"] == pytest.approx(want["ggo_ml"], rel=0.50)
     opacity = both["ggo_volume_ml"] + both["consolidation_volume_ml"]
-    assert opacity == pytest.approx(want["ggo_ml"] + want["consolidation_ml"], rel=0.35)
+    assert opacity == pytest.approx(want["ggo_ml"] + want["consolidation_ml"], rel=0.15)
     assert measures["bilateral"]["ggo"] and measures["bilateral"]["opacity"]
     for name in ("measures.json", "measures.csv", "lungs.nii.gz", "lesions.nii.gz"):
         assert (tmp_path / "out" / name).is_file()

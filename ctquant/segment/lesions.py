@@ -41,7 +41,11 @@ def opening_mm(mask: np.ndarray, spacing_mm: tuple[float, float, float], diamete
     Fine grids are opened on a grid of about ``work_mm`` (block majority), and the result, grown by
     one block, is intersected with the full-resolution mask. The ball is the voxel offsets closer than
     ``diameter_mm / 2`` (:func:`ball_mm`): an erosion and a dilation with it are exactly the distance-map
-    definition (core: distance to the background ≥ radius; opened: distance to the core < radius).
+    definition (core: distance to the background ≥ radius; opened: distance to the core < radius). Where
+    that ball is a single voxel but the voxels are finer than ``diameter_mm`` along some axes (pixels of
+    1.5 … 3 mm for a 3 mm opening), a structure is that thick when it is two voxels thick there: the
+    opening is then by a box two voxels wide along those axes (one-voxel sheets go, two-voxel ones stay).
+    Voxels of ``diameter_mm`` or more along every axis are left as they are.
     """
     if diameter_mm <= 0 or not mask.any():
         return mask.copy()
@@ -57,6 +61,10 @@ def opening_mm(mask: np.ndarray, spacing_mm: tuple[float, float, float], diamete
     else:
         small, spacing = sub, spacing_mm
     ball = ball_mm(spacing, radius)
+    if ball.sum() == 1:  # voxels of diameter/2 … diameter: "that thick" is two of them (a one-voxel ball opens nothing)
+        two = tuple(2 if s < diameter_mm else 1 for s in spacing)
+        if max(two) > 1:
+            ball = np.ones(two, dtype=bool)
     core = ndi.binary_erosion(small, ball, border_value=1)  # outside the array is not background
     opened = ndi.binary_dilation(core, ball) if core.any() else np.zeros_like(small)
     if factors != (1, 1, 1):
