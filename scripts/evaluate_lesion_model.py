@@ -33,9 +33,10 @@ consolidation / GGO inside the reference lungs, and the volume errors (``hybrid_
 ``--specificity`` runs the held-out scans without pneumonia of ``configs/lesion_split.json``
 (``real_ct_negatives``; ``--part train|held_out|all``) and reports GGO, consolidation and opacity in %
 of each lung, for the model and for ``--method hu``, inside the product's lung masks and inside the
-reference lung masks::
+reference lung masks; ``--pixels-averaged 2`` does the same on the scans averaged over 2 x 2 pixels (a
+256 matrix, roughly)::
 
-    python scripts/evaluate_lesion_model.py --specificity --json OUT.json [--part held_out]
+    python scripts/evaluate_lesion_model.py --specificity --json OUT.json [--part held_out] [--pixels-averaged 2]
 
 ``--pool-folds`` pools a cross-validation: each fold's scoring of its own held-out slices, one JSON per
 fold, into the out-of-fold figures that ``--record-accuracy`` takes as its CV.json::
@@ -66,7 +67,7 @@ sys.path.insert(0, str(REPO_ROOT / "scripts"))
 from ctquant.measures import overlap  # noqa: E402
 from ctquant.segment import lesion_model as lm  # noqa: E402
 from ctquant.errors import CtquantError  # noqa: E402
-from real_ct import load_reference_scan, lung_fold_model_path  # noqa: E402
+from real_ct import averaged, load_reference_scan, lung_fold_model_path  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DICOM_SUFFIXES = (".dcm",)
@@ -292,13 +293,16 @@ def lesions_hu_method(hu: np.ndarray, lungs: np.ndarray, spacing_mm: tuple[float
     return segment_lesions_hu_config(hu, lungs, spacing_mm, config)
 
 
-def specificity(model: lm.LesionModel, real_ct: Path, entries: list[dict], with_hu: bool = True) -> list[dict]:
+def specificity(model: lm.LesionModel, real_ct: Path, entries: list[dict], with_hu: bool = True,
+                pixels_averaged: int = 1) -> list[dict]:
     """GGO / consolidation / opacity % of each lung on scans without pneumonia, per lung mask and method.
 
     Lung masks: ``product`` (the product's lung step, :func:`ctquant.segment.lung_model.segment_lungs_with_model`,
     with the lung network trained without the scan when there is one) and ``reference`` (the scan's
     reference in ``configs/real_ct_references.json``); methods: ``model`` and (``with_hu``) ``hu``. Slices in
-    ``exclude_z`` (e.g. a tumour) are left out of both lung masks before measuring.
+    ``exclude_z`` (e.g. a tumour) are left out of both lung masks before measuring. With ``pixels_averaged``
+    > 1 each scan is first averaged over that many pixels along y and x (a coarser matrix; its reference by
+    majority, :func:`real_ct.averaged`) and the product's lungs are found on the averaged scan.
     """
     from ctquant.config import load_quantify_config
     from ctquant.segment.lung_model import load_lung_model, segment_lungs_with_model
@@ -308,6 +312,9 @@ def specificity(model: lm.LesionModel, real_ct: Path, entries: list[dict], with_
     rows = []
     for entry in entries:
         hu, spacing, reference = load_reference_scan(real_ct, entry["scan"])
+        if pixels_averaged > 1:
+            hu, reference = averaged(hu, (1, pixels_averaged, pixels_averaged), reference)
+            spacing = (spacing[0], spacing[1] * pixels_averaged, spacing[2] * pixels_averaged)
         fold = lung_fold_model_path(entry["scan"])
         lung_model = load_lung_model(fold if fold.is_file() else None)
         t0 = time.perf_counter()
@@ -468,6 +475,8 @@ def accuracy_card(val: dict, spec: dict, cv: dict | None = None) -> dict:
     (held-out scans; with the HU figures); ``cv``: optional ``{"dice_ggo", "dice_consolidation",
     "dice_lesion", "n_images", "what"}`` of the cross-validation.
     """
+    if spec.get("pixels_averaged", 1) != 1:
+        raise ValueError("the specificity figures to record are the scans' own pixels, not --pixels-averaged")
     figures, hu_figures = {}, {}
     for row in spec["scans"]:
         for method, target in (("model", figures), ("hu", hu_figures)):
@@ -549,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="which real_ct_negatives scans --specificity / --hybrids run")
     parser.add_argument("--real-ct", type=Path, default=DATA_ROOT / "real-ct", help="folder of the real scans")
     parser.add_argument("--no-hu", action="store_true", help="--specificity without the --method hu figures")
+    parser.add_argument("--pixels-averaged", type=int, default=1, metavar="N",
+                        help="--specificity on the scans averaged over N x N pixels (a coarser matrix)")
     parser.add_argument("--record-accuracy", nargs="+", type=Path, metavar="JSON",
                         help="VAL.json SPEC.json [CV.json]: write their figures into --json (configs/metadata.json) "
                              "as ctquant_accuracy, the block the reports quote")
@@ -616,8 +627,9 @@ def main(argv: list[str] | None = None) -> int:
                   "model": model.provenance(), "device": str(model.device),
                   "seconds": round(time.perf_counter() - started, 2), "cases": rows}
     elif args.specificity:
-        rows = specificity(model, args.real_ct, entries, with_hu=not args.no_hu)
+        rows = specificity(model, args.real_ct, entries, with_hu=not args.no_hu, pixels_averaged=args.pixels_averaged)
         result = {"mode": "specificity", "part": args.part, "split": str(args.split), "real_ct": str(args.real_ct),
+                  "pixels_averaged": args.pixels_averaged,
                   "unit": "% of each lung's volume (right, left, both)", "model": model.provenance(),
                   "device": str(model.device), "seconds": round(time.perf_counter() - started, 2), "scans": rows}
     elif args.unlabelled:

@@ -45,12 +45,11 @@ import numpy as np
 
 from ctquant.trial.agreement import mask_metrics
 from ctquant.io.scans import read_label_image
-from ctquant.segment.grid import block_mean
 from ctquant.segment.lung_model import LungModel, load_lung_model, segment_lungs_with_model
 from ctquant.segment.lungs import LEFT, RIGHT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_ct import case_name, load_reference_scan, lung_fold_model_path, reference_entries  # noqa: E402
+from real_ct import averaged, case_name, load_reference_scan, lung_fold_model_path, reference_entries  # noqa: E402
 
 if TYPE_CHECKING:
     from ctquant.segment.lesion_model import LesionModel
@@ -177,20 +176,6 @@ def real_case_rows(scan_name: str, root: Path, hybrid_seed: int, model: LesionMo
                     100.0 * np.count_nonzero(cons & (in_ref == CONSOLIDATION)) / np.count_nonzero(cons), 1)
         rows.append(row)
     return rows
-
-
-def averaged(hu: np.ndarray, factors: tuple[int, int, int], lungs: np.ndarray | None = None
-             ) -> tuple[np.ndarray, np.ndarray | None]:
-    """HU averaged over blocks of ``factors`` (z, y, x) voxels, as a thicker slice or a coarser matrix
-    reconstructs them (int16), and ``lungs`` on the same blocks: a block is a lung where more than half of
-    it is (trailing voxels that fill no whole block are dropped)."""
-    hu_out = block_mean(hu, factors).round().astype(np.int16)
-    if lungs is None:
-        return hu_out, None
-    lungs_out = np.zeros(hu_out.shape, np.uint8)
-    for side in (RIGHT, LEFT):
-        lungs_out[block_mean(lungs == side, factors) > 0.5] = side
-    return hu_out, lungs_out
 
 
 def with_noise(hu: np.ndarray, sigma_hu: float, seed: int = 0) -> np.ndarray:

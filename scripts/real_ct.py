@@ -56,3 +56,19 @@ def lung_fold_model_path(scan: str) -> Path:
     """The lung network trained without registry scan ``scan`` (``scripts/train_lung_model.py``): the one
     that scores it in ``scripts/evaluate_lungs.py --real``."""
     return LUNG_FOLD_DIR / f"without_{case_name(scan)}.pt"
+
+
+def averaged(hu: np.ndarray, factors: tuple[int, int, int], lungs: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray | None]:
+    """HU averaged over blocks of ``factors`` (z, y, x) voxels, as a thicker slice or a coarser matrix
+    reconstructs them (int16), and ``lungs`` on the same blocks: a block is a lung where more than half of
+    it is (trailing voxels that fill no whole block are dropped)."""
+    from ctquant.segment.grid import block_mean
+
+    hu_out = block_mean(hu, factors).round().astype(np.int16)
+    if lungs is None:
+        return hu_out, None
+    lungs_out = np.zeros(hu_out.shape, np.uint8)
+    for side in (1, 2):  # right, left
+        lungs_out[block_mean(lungs == side, factors) > 0.5] = side
+    return hu_out, lungs_out

@@ -379,6 +379,14 @@ def test_specificity_on_held_out_normal_scan(shared_data, tmp_path):
 
 
 # ----------------------------------------------------------------- accuracy in the reports
+def test_accuracy_card_refuses_specificity_of_averaged_pixels():
+    """The reports quote the specificity at the scans' own pixels: a --pixels-averaged run is not recorded."""
+    evaluate = _evaluate_module()
+    val = {"n_images": 15, "dice_ggo": 0.6, "dice_consolidation": 0.4, "dice_lesion": 0.7}
+    with pytest.raises(ValueError, match="pixels-averaged"):
+        evaluate.accuracy_card(val, {"pixels_averaged": 2, "scans": []})
+
+
 def test_model_card_metadata_names_the_shipped_weights():
     card = json.loads((REPO_ROOT / "configs" / "metadata.json").read_text())["ctquant_accuracy"]
     assert card["model_sha256"] == file_sha256(SHIPPED)
