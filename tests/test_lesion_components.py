@@ -144,18 +144,6 @@ def test_sheets_on_the_domes_of_a_real_normal_scan_are_dropped(shared_data):
     assert 100.0 * np.count_nonzero((kept == 1) & right) / np.count_nonzero(right) < 0.6  # measured 1.05 -> 0.47 %
 
 
-def test_in_plane_erosion_and_dilation_equal_scipy_with_the_in_plane_cross():
-    from ctquant.segment.lesions import _in_plane_dilation, _in_plane_erosion
-
-    cross = np.zeros((3, 3, 3), bool)
-    cross[1, 1, :] = cross[1, :, 1] = True
-    mask = ndi.gaussian_filter(np.random.default_rng(5).random((7, 40, 50)), 1.5) > 0.5
-    mask[:, :, :2] = mask[:, 0, :] = True  # touches the array's edges
-    assert 0 < mask.mean() < 1
-    np.testing.assert_array_equal(_in_plane_erosion(mask), ndi.binary_erosion(mask, cross, border_value=0))
-    np.testing.assert_array_equal(_in_plane_dilation(mask), ndi.binary_dilation(mask, cross))
-
-
 def test_rim_ggo_is_dropped_unless_it_reaches_inside():
     """drop_rim_ggo: a one-voxel in-plane shell of ground glass along the lung's edge goes; subpleural ground
     glass seven voxels deep stays whole, rim voxels included; ground glass one slice under the lung's top (a

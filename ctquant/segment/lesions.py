@@ -20,6 +20,9 @@ GGO, CONSOLIDATION = 1, 2
 VESSEL_SETTINGS = ("min_consolidation_thickness_mm", "vessel_min_hu", "vessel_sigma_mm", "context_sigma_mm",
                    "min_ggo_share", "min_component_ml", "smooth_sigma_mm", "min_ggo_thickness_mm", "ggo_above_normal_sd",
                    "normal_band_mm", "pleural_rim_voxels")
+#: The 4 in-plane neighbours of a (z, y, x) voxel.
+_IN_PLANE_CROSS = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE_CROSS[1, 1, :] = _IN_PLANE_CROSS[1, :, 1] = True
 #: cc3d connectivity of scipy's connectivity 1..ndim, per mask dimension.
 _CC3D_CONNECTIVITY = {2: (4, 8), 3: (6, 18, 26)}
 
@@ -167,28 +170,6 @@ def segment_lesions_hu(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tupl
     return labels
 
 
-def _in_plane_erosion(mask: np.ndarray) -> np.ndarray:
-    """Erosion of a (z, y, x) mask by its 4 in-plane neighbours; beyond the array is background."""
-    out = mask.copy()
-    out[:, 1:] &= mask[:, :-1]
-    out[:, :-1] &= mask[:, 1:]
-    out[:, :, 1:] &= mask[:, :, :-1]
-    out[:, :, :-1] &= mask[:, :, 1:]
-    out[:, 0] = out[:, -1] = False
-    out[:, :, 0] = out[:, :, -1] = False
-    return out
-
-
-def _in_plane_dilation(mask: np.ndarray) -> np.ndarray:
-    """Dilation of a (z, y, x) mask by its 4 in-plane neighbours."""
-    out = mask.copy()
-    out[:, 1:] |= mask[:, :-1]
-    out[:, :-1] |= mask[:, 1:]
-    out[:, :, 1:] |= mask[:, :, :-1]
-    out[:, :, :-1] |= mask[:, :, 1:]
-    return out
-
-
 def drop_rim_ggo(ggo: np.ndarray, lung: np.ndarray, rim_voxels: int = 1) -> np.ndarray:
     """``ggo`` without the ground glass of the lung's partial-volume rim.
 
@@ -203,18 +184,9 @@ def drop_rim_ggo(ggo: np.ndarray, lung: np.ndarray, rim_voxels: int = 1) -> np.n
     """
     if rim_voxels <= 0 or not ggo.any():
         return ggo
-    margin = 2 * rim_voxels  # in the grown box, the rim test at every ground-glass voxel is exact
-    box = tuple(slice(max(0, b.start - margin), min(n, b.stop + margin)) for b, n in zip(bounding_box(ggo), ggo.shape))
-    lung_box, ggo_box = lung[box], ggo[box]
-    interior = lung_box.copy()
-    for _ in range(rim_voxels):
-        interior = _in_plane_erosion(interior)
-    reached = ggo_box & interior
-    for _ in range(rim_voxels):
-        reached = _in_plane_dilation(reached)
-    out = ggo.copy()
-    out[box] = ggo_box & (interior | reached)
-    return out
+    interior = ndi.binary_erosion(lung, _IN_PLANE_CROSS, iterations=rim_voxels, border_value=0)
+    reached = ndi.binary_dilation(ggo & interior, _IN_PLANE_CROSS, iterations=rim_voxels)
+    return ggo & (interior | reached)
 
 
 def segment_lesions_hu_config(hu: np.ndarray, lung_labels: np.ndarray, spacing_mm: tuple[float, float, float],
