@@ -64,11 +64,12 @@ def averaged(hu: np.ndarray, factors: tuple[int, int, int], lungs: np.ndarray | 
     reconstructs them (int16), and ``lungs`` on the same blocks: a block is a lung where more than half of
     it is (trailing voxels that fill no whole block are dropped)."""
     from ctquant.segment.grid import block_mean
+    from ctquant.segment.lungs import LEFT, RIGHT
 
     hu_out = block_mean(hu, factors).round().astype(np.int16)
     if lungs is None:
         return hu_out, None
     lungs_out = np.zeros(hu_out.shape, np.uint8)
-    for side in (1, 2):  # right, left
+    for side in (RIGHT, LEFT):
         lungs_out[block_mean(lungs == side, factors) > 0.5] = side
     return hu_out, lungs_out
